@@ -1,0 +1,1 @@
+"""Methods other than MemGen: vanilla, SFT, RL baselines and retrieval memory."""

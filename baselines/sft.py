@@ -1,0 +1,100 @@
+"""SFT: supervised fine-tuning of the reasoner on each task's gold targets, one task after another.
+
+Departures from the paper's SFT baseline (MemGen, arXiv 2509.24704, Sec. 5):
+- LoRA (peft, r=16, alpha=32 on the attention projections) by default instead of full fine-tuning; full
+  fine-tuning with ``train.lora=false``.
+- One LoRA adapter is trained on through the whole sequence (that is what continual SFT means); a fresh
+  optimizer and schedule per task, seeded from (master seed, stage) so a resumed run repeats exactly.
+- Loss on target tokens only (prompt masked), via ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from harness.config import RunConfig
+from harness.generation import generate_greedy
+from harness.models import LoadedModel
+from harness.seeding import derive_seed, set_seed
+from harness.training import LossGuard, lora_config, pad_right, steps_for, tokenize_prompt_target, training_arguments
+from tasks.base import Example, Task
+
+ADAPTER_DIR = "adapter"
+FULL_DIR = "model"
+
+
+class SFT:
+    name = "sft"
+
+    def __init__(self, model: LoadedModel, cfg: RunConfig, options: dict[str, Any]):
+        if options:
+            raise ValueError(f"method sft takes no options (use train.*), got {sorted(options)}")
+        self.cfg = cfg
+        self.tokenizer = model.tokenizer
+        if cfg.train.lora:
+            from peft import get_peft_model
+
+            with torch.random.fork_rng():
+                torch.manual_seed(derive_seed(cfg.seed, "sft-lora-init"))
+                self.model = get_peft_model(model.model, lora_config(cfg.train))
+        else:
+            self.model = model.model
+
+    def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
+        seed = derive_seed(self.cfg.seed, "train", stage)
+        set_seed(seed)
+        rows = [
+            tokenize_prompt_target(self.tokenizer, task.prompt(e, self.tokenizer), e.target, self.cfg.train.max_length)
+            for e in examples
+        ]
+        steps = steps_for(self.cfg.train, len(rows))
+        guard = LossGuard(f"sft on {task.name}")
+        trainer = Trainer(
+            model=self.model,
+            args=training_arguments(self.cfg, seed, steps),
+            train_dataset=rows,
+            data_collator=lambda b: pad_right(b, self.tokenizer.pad_token_id),
+            callbacks=[guard],
+        )
+        self.model.train()
+        t0 = time.perf_counter()
+        trainer.train()
+        self.model.eval()
+        return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": guard.losses}
+
+    def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
+        prompts = [task.prompt(e, self.tokenizer) for e in examples]
+        return generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens, self.cfg.eval.batch_size)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self.cfg.train.lora:
+            self.model.save_pretrained(path / ADAPTER_DIR)
+        else:
+            self.model.save_pretrained(path / FULL_DIR)
+
+    def load(self, path: Path) -> None:
+        if self.cfg.train.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            state = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.model, state)
+        else:
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in sorted((path / FULL_DIR).glob("*.safetensors")):
+                state.update(load_file(str(f)))
+            missing, _ = self.model.load_state_dict(state, strict=False)
+            # Tied embeddings are saved once; anything else missing is a broken checkpoint.
+            real_missing = [m for m in missing if "lm_head" not in m]
+            if real_missing:
+                raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
+        self.model.eval()

@@ -1,0 +1,1 @@
+"""memgen-bench core: config, models, runner, metrics, store, CLI and MemGen."""

@@ -1,0 +1,253 @@
+"""Run configuration: frozen dataclasses, loadable from YAML, with dotted overrides (``train.lr=1e-4``).
+
+The CLI is a thin layer that builds a ``RunConfig`` from its options, a ``--config`` YAML file and ``--set``
+overrides, in that order of precedence (last wins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the valid values."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each method trains on one task (methods read what applies to them)."""
+
+    train_limit: int | None = 256
+    """Training examples per task (seeded subsample); None = the whole train split."""
+    max_steps: int = 96
+    """Optimizer steps per task; 0 = derive from ``epochs``."""
+    epochs: float = 1.0
+    """Passes over the training examples when ``max_steps`` is 0."""
+    batch_size: int = 8
+    """Examples per optimizer step (per process)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    lr: float = 3e-4
+    """Peak learning rate (LoRA default; use ~1e-5 for full fine-tuning)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Linear warm-up fraction of the steps."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule: cosine, linear or constant (transformers names)."""
+    max_length: int = 512
+    """Prompt + target tokens kept (longer ones are truncated from the right)."""
+    lora: bool = True
+    """LoRA adapter (peft) instead of full fine-tuning."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names that get a LoRA adapter."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How every cell of the accuracy matrix is measured."""
+
+    limit: int | None = 64
+    """Test examples per task (seeded subsample); None = the whole test split."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    max_new_tokens: int | None = None
+    """Override of each task's own generation budget."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One continual-learning run: a task sequence, methods, a model and a seed."""
+
+    sequence: str = "quick"
+    """A named sequence (``memgen-bench tasks``) or an inline list ``a,b,c`` / ``a->b->c``."""
+    methods: tuple[str, ...] = ("vanilla", "sft")
+    """Methods to run, each in its own run directory under ``out``."""
+    model: str = "smollm2-135m"
+    """Reasoner: Hub id, local folder, .gguf file, ``smollm2-135m`` or ``tiny-random``."""
+    dtype: str = "fp32"
+    """fp32, bf16 or fp16."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    seed: int = 0
+    """Master seed: data subsampling, initialisation and training all derive from it."""
+    limit: int | None = None
+    """Shortcut capping both train and test examples per task (smoke runs); overrides the two limits."""
+    data_dir: str | None = None
+    """Folder with local benchmark JSONL files (else ``$MEMGEN_BENCH_DATA``, else the Hub)."""
+    out: str = "runs/default"
+    """Output root; one run directory per method below it."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-method options, e.g. ``{memgen: {k_prompt: 8}}`` (``--set method_options.memgen.k_prompt=8``)."""
+
+    @property
+    def train_limit(self) -> int | None:
+        return self.limit if self.limit is not None else self.train.train_limit
+
+    @property
+    def eval_limit(self) -> int | None:
+        return self.limit if self.limit is not None else self.eval.limit
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from exc
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from exc
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a (nested) frozen dataclass from a plain mapping, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return validate(cls(**kwargs)) if cls is RunConfig else cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+
+    def lists(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return [lists(v) for v in x]
+        if isinstance(x, dict):
+            return {k: lists(v) for k, v in x.items()}
+        return x
+
+    return lists(out)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars) to a config."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                if node is data.get("method_options") or (parts[0] == "method_options"):
+                    node = node.setdefault(p, {})
+                    continue
+                raise ConfigError(f"unknown config key {key!r}; top-level keys: {sorted(data)}")
+            node = node[p]
+        node[parts[-1]] = value
+    return from_dict(RunConfig, data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: malformed YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a YAML mapping")
+    return data
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    from harness.models import DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype {cfg.dtype!r} is not valid; use one of {', '.join(DTYPES)}")
+    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device {cfg.device!r} is not valid; use cpu, cuda or cuda:N")
+    for key, val in (("train.batch_size", cfg.train.batch_size), ("eval.batch_size", cfg.eval.batch_size),
+                     ("train.grad_accum", cfg.train.grad_accum), ("train.lora_r", cfg.train.lora_r)):
+        if val < 1:
+            raise ConfigError(f"{key} must be >= 1, got {val}")
+    for key, val in (("limit", cfg.limit), ("train.train_limit", cfg.train.train_limit),
+                     ("eval.limit", cfg.eval.limit)):
+        if val is not None and val < 1:
+            raise ConfigError(f"{key} must be >= 1 or null, got {val}")
+    if cfg.train.max_steps < 0 or cfg.train.lr <= 0:
+        raise ConfigError("train.max_steps must be >= 0 and train.lr > 0")
+    if cfg.train.scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+        raise ConfigError(f"train.scheduler {cfg.train.scheduler!r} is not valid; use cosine, linear or constant")
+    if not cfg.methods:
+        raise ConfigError("methods is empty; name at least one (see `memgen-bench methods`)")
+    return cfg

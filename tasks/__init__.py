@@ -1,0 +1,1 @@
+"""Benchmarks (versioned definitions), scorers and task sequences."""

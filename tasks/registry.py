@@ -1,0 +1,101 @@
+"""Task and sequence registry: versioned YAML definitions under ``tasks/definitions`` (plus any folder named by
+``$MEMGEN_BENCH_TASKS``, so users add benchmarks without code) and named sequences under ``tasks/sequences``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from tasks.base import DefinedTask, Task, TaskDefinition, TaskError
+
+HERE = Path(__file__).parent
+
+
+def _definition_dirs() -> list[Path]:
+    dirs = [HERE / "definitions"]
+    extra = os.environ.get("MEMGEN_BENCH_TASKS")
+    if extra:
+        dirs += [Path(p) for p in extra.split(os.pathsep) if p]
+    return dirs
+
+
+def parse_definition(path: Path) -> TaskDefinition:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise TaskError(f"{path}: malformed YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: a task definition must be a YAML mapping")
+    known = {f.name for f in dataclasses.fields(TaskDefinition)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise TaskError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    try:
+        raw["version"] = str(raw["version"])
+        return TaskDefinition(**raw)
+    except (TypeError, KeyError) as exc:
+        raise TaskError(f"{path}: incomplete task definition ({exc}); needs name, version, domain, prompt, "
+                        f"filter, metric") from exc
+
+
+@cache
+def _definitions_cached(dirs: tuple[Path, ...]) -> dict[str, TaskDefinition]:
+    defs: dict[str, TaskDefinition] = {}
+    for d in dirs:
+        for path in sorted(d.glob("*.yaml")):
+            td = parse_definition(path)
+            defs[td.name] = td
+    return defs
+
+
+def definitions() -> dict[str, TaskDefinition]:
+    return _definitions_cached(tuple(_definition_dirs()))
+
+
+def task_names() -> list[str]:
+    return sorted(definitions())
+
+
+def get_task(name: str, data_root: str | os.PathLike | None = None) -> Task:
+    defs = definitions()
+    if name not in defs:
+        raise TaskError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(defs))}")
+    d = defs[name]
+    if d.implementation:
+        module, _, attr = d.implementation.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        return cls(d, data_root)
+    return DefinedTask(d, data_root)
+
+
+@cache
+def sequences() -> dict[str, dict]:
+    out = {}
+    for path in sorted((HERE / "sequences").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        out[raw["name"]] = raw
+    return out
+
+
+def resolve_sequence(spec: str) -> list[str]:
+    """A named sequence (``quick``) or an inline list: ``arith,reverse`` or ``arith->reverse->choice``."""
+    seqs = sequences()
+    if spec in seqs:
+        names = list(seqs[spec]["tasks"])
+    else:
+        names = [s.strip() for s in re.split(r"\s*(?:->|,|>)\s*", spec) if s.strip()]
+        if len(names) == 1 and names[0] not in definitions():
+            raise TaskError(f"unknown sequence or task {spec!r}; sequences: {', '.join(sorted(seqs))}; "
+                            f"tasks: {', '.join(task_names())}")
+    unknown = [n for n in names if n not in definitions()]
+    if unknown:
+        raise TaskError(f"unknown task(s) {unknown} in sequence {spec!r}; valid tasks: {', '.join(task_names())}")
+    if len(set(names)) != len(names):
+        raise TaskError(f"sequence {spec!r} repeats a task; each task may appear once")
+    return names
