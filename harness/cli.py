@@ -14,9 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from harness.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from harness.errors import ModelLoadError, NonFiniteLossError
 from harness.methods import METHOD_DESCRIPTIONS, check_methods, method_names
-from harness.models import ModelLoadError
-from harness.training import NonFiniteLossError
 from tasks.base import TaskError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Continual-learning benchmark harness: MemGen "
@@ -74,11 +73,17 @@ def run(
     device: str = typer.Option(None, help="cpu, cuda or cuda:N."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML file with RunConfig fields."),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. train.lr=1e-4."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Re-launch under `accelerate launch` with N "
+                                      "processes (data-parallel evaluation, DDP training)."),
 ) -> None:
     """Run a task sequence for each method; fill and export the accuracy matrix (resumes a killed run)."""
+    from harness.distributed import is_main, launched
     from harness.report import render, summary_table
     from harness.runner import run_method
     from tasks.registry import resolve_sequence
+
+    if num_processes > 1 and not launched():
+        raise typer.Exit(_relaunch(num_processes, device or "cpu"))
 
     try:
         opts = {"sequence": sequence, "model": model, "seed": seed, "limit": limit, "out": out,
@@ -99,16 +104,42 @@ def run(
         for name in cfg.methods:
             run_dir = Path(cfg.out) / name
             try:
-                run_method(name, cfg, run_dir, on_event=_Progress(progress, n_cells, name))
+                run_method(name, cfg, run_dir, on_event=_Progress(progress, n_cells, name) if is_main() else None)
             except USER_ERRORS as exc:
                 _fail(exc)
             dirs.append(run_dir)
+    if not is_main():
+        return
     console.print(f"finished in {time.perf_counter() - started:.0f}s")
     table = summary_table(dirs)
     print(render(table, "md"))
     for d in dirs:
         print(f"\n{d}/matrix.csv")
         print((d / "matrix.csv").read_text())
+
+
+def _relaunch(n: int, device: str) -> int:
+    """Run this same command under ``accelerate launch`` with ``n`` processes (gloo on CPU)."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--num-processes":
+            skip = True
+            continue
+        if a.startswith("--num-processes="):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if device == "cpu":
+        cmd.append("--cpu")
+    cmd += ["-m", "harness.cli", *argv]
+    console.print(f"launching: {' '.join(cmd)}")
+    return subprocess.run(cmd).returncode
 
 
 @app.command("eval")
@@ -160,23 +191,110 @@ def eval_cmd(
 
 @app.command()
 def report(
-    dirs: list[Path] = typer.Argument(..., help="Run directories or output roots."),
-    format: str = typer.Option("md", "--format", "-f", help="csv, latex or md."),
+    dirs: list[Path] = typer.Argument(..., help="Run directories or output roots (sweep roots: ROOT/*/METHOD)."),
+    format: str = typer.Option("md", "--format", "-f", help="csv, latex, md or json (json implies --ci)."),
     matrices: bool = typer.Option(False, help="Also print each run's accuracy matrix."),
+    ci: bool = typer.Option(False, "--ci", help="Aggregate runs per method: mean +- 95% bootstrap CI."),
+    plots: bool = typer.Option(False, "--plots", help="Write PNG+PDF figures (heatmaps, curves, bars)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write tidy CSV, MD, LaTeX, JSON (+ plots) here."),
+    conventions: str = typer.Option("gem", help="Metric conventions: gem, gem-code, trace, avalanche, chaudhry, "
+                                    "incremental."),
+    resamples: int = typer.Option(1000, help="Bootstrap resamples."),
+    table: str = typer.Option("main", help="With --ci: main, final, retention, forgetting, bwt, fwt, learned."),
 ) -> None:
-    """One row per method with ACC, BWT, FWT, forgetting and retention."""
-    from harness.report import find_runs, matrix_table, render, summary_table
+    """One row per method with ACC, BWT, FWT, forgetting and retention (per run, or with --ci over runs)."""
+    from harness.report import analysis_report, find_runs, matrix_table, render, summary_table
 
-    if format not in ("csv", "latex", "md"):
-        _fail(ValueError(f"unknown format {format!r}; use csv, latex or md"))
+    if format not in ("csv", "latex", "md", "json"):
+        _fail(ValueError(f"unknown format {format!r}; use csv, latex, md or json"))
     try:
-        print(render(summary_table(dirs), format, caption="Continual-learning metrics (percent)"))
+        if ci or plots or out is not None or format == "json":
+            from harness.analysis import tables
+
+            target = out if out is not None else (dirs[0] / "report" if plots else None)
+            a, written = analysis_report(dirs, target, conventions, resamples, plots)
+            if format == "json":
+                print(json.dumps(tables.to_json(a), indent=2))
+            elif format == "csv":
+                print(tables.to_csv(a))
+            else:
+                print(tables.to_latex(a, table) if format == "latex" else tables.to_markdown(a, table))
+            for path in written:
+                console.print(f"wrote {path}")
+        else:
+            print(render(summary_table(dirs), format, caption="Continual-learning metrics (percent)"))
         if matrices:
             for run in find_runs(dirs):
                 print(f"\n{run}")
-                print(render(matrix_table(run).reset_index(), format))
+                print(render(matrix_table(run).reset_index(), "md" if format == "json" else format))
     except USER_ERRORS as exc:
         _fail(exc)
+
+
+@app.command()
+def verify(
+    run_dir: Path = typer.Argument(..., help="One method's run directory (holding summary.json)."),
+    cells: str = typer.Option("all", help="Cells to re-run: all, or e.g. r0_arith,r3_choice or r2 (a row)."),
+    retrain: bool = typer.Option(False, help="Re-train stage i from checkpoint i-1 instead of loading stage i."),
+    tolerance: float = typer.Option(0.0, help="Allowed drift per cell in percentage points."),
+) -> None:
+    """Re-run chosen cells of an existing run and report the drift per cell (exit 1 if any exceeds tolerance)."""
+    from harness.analysis.verify import verify_run
+
+    def show(info: dict[str, Any]) -> None:
+        console.print(f"  r{info['row']}_{info['task']}: stored {info['stored']:.2f} now {info['now']:.2f} "
+                      f"(delta {info['delta']:+.2f}, {info['changed']} of {info['n']} samples changed)")
+
+    try:
+        df = verify_run(run_dir, cells, retrain, on_cell=show)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    df["ok"] = df["delta"].abs() <= tolerance + 1e-9
+    print(df.to_markdown(index=False, floatfmt=".2f"))
+    bad = int((~df["ok"]).sum())
+    print(f"{bad} of {len(df)} cells drifted by more than {tolerance} points")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def transfer(
+    sequence: str = typer.Option(None, help="Tasks to cross (named sequence or 'a,b,c'; default: quick)."),
+    methods: str = typer.Option(None, help="Comma-separated methods (default: vanilla,sft)."),
+    model: str = typer.Option(None, help="Reasoner model."),
+    seed: int = typer.Option(None, help="Master seed."),
+    limit: int = typer.Option(None, help="Cap train and test examples per task."),
+    out: str = typer.Option("runs/transfer", help="Output root; one folder per method (and seed)."),
+    by: str = typer.Option("task", help="Source unit: task, or domain (train on all tasks of a domain)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Folder of local benchmark JSONL files."),
+    dtype: str = typer.Option(None, help="fp32, bf16 or fp16."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML file with RunConfig fields."),
+    overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. train.max_steps=8."),
+    format: str = typer.Option("md", "--format", "-f", help="md or latex."),
+) -> None:
+    """Cross-domain transfer: train on one source, evaluate on all targets; table source x target minus init."""
+    from harness.analysis.transfer import run_transfer, transfer_matrix, transfer_table
+
+    try:
+        opts = {"sequence": sequence, "model": model, "seed": seed, "limit": limit, "data_dir": data_dir,
+                "dtype": dtype, "device": device, "methods": methods.split(",") if methods else None}
+        cfg = build_config(config, opts, overrides or [])
+        check_methods(cfg.methods)
+        dirs = []
+        for name in cfg.methods:
+            d = Path(out) / f"{name}-s{cfg.seed}"
+            run_transfer(name, cfg, d, by, on_event=lambda kind, i: console.print(
+                f"  {i['method']} {i['source']}: " + (f"eval {i['task']} {i['accuracy']:.2f}% (n={i['n']})"
+                                                      if kind == "eval_end" else f"training on {i['task']}")))
+            dirs.append(d)
+        df = transfer_table([Path(out)])  # every seed run into this root so far
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for name in cfg.methods:
+        m = transfer_matrix(df, name, format)
+        print(m.to_latex(escape=False) if format == "latex" else m.to_markdown())
+        print()
 
 
 @app.command()

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the valid values."""
@@ -230,10 +232,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    from harness.models import DTYPES
-
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype {cfg.dtype!r} is not valid; use one of {', '.join(DTYPES)}")
+    if cfg.dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {cfg.dtype!r} is not valid; use one of {', '.join(DTYPE_NAMES)}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device {cfg.device!r} is not valid; use cpu, cuda or cuda:N")
     for key, val in (("train.batch_size", cfg.train.batch_size), ("eval.batch_size", cfg.eval.batch_size),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from harness.config import ConfigError, RunConfig
-from harness.models import LoadedModel
 from tasks.base import Example, Task
+
+if TYPE_CHECKING:  # keep `memgen-bench methods` free of torch imports
+    from harness.models import LoadedModel
 
 
 @runtime_checkable
@@ -41,11 +43,21 @@ class Method(Protocol):
 METHODS: dict[str, str] = {
     "vanilla": "baselines.vanilla:Vanilla",
     "sft": "baselines.sft:SFT",
+    "memgen": "harness.memgen.method:MemGen",
+    "expel": "baselines.retrieval_expel:ExpeL",
+    "awm": "baselines.retrieval_awm:AWM",
+    "grpo": "baselines.grpo:GRPO",
+    "reinforce_pp": "baselines.reinforce_pp:ReinforcePP",
 }
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "vanilla": "frozen model, no training (the init row repeated)",
     "sft": "supervised fine-tuning on gold targets (LoRA by default, full with train.lora=false)",
+    "memgen": "MemGen: frozen reasoner + LoRA memory weaver inserting latent tokens (weaver SFT)",
+    "expel": "ExpeL-style retrieval memory: similar past successes as few-shot + model-distilled insights",
+    "awm": "AWM-style workflow memory: abstract workflows induced from successes, retrieved into the prompt",
+    "grpo": "GRPO on the reasoner via TRL's GRPOTrainer, task score as reward (group 8, beta 0, LoRA by default)",
+    "reinforce_pp": "REINFORCE++ (OpenRLHF semantics): k1 KL in the reward, globally whitened returns (LoRA default)",
 }
 
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from harness.errors import ModelLoadError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message names it and says how to fix it."""
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "DTYPES"]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from harness import metrics
 from harness.config import ConfigError, RunConfig, to_dict
+from harness.distributed import barrier, is_main, map_sharded
 from harness.methods import Method, build_method
 from harness.models import LoadedModel, load_model
 from harness.seeding import derive_seed, set_seed
@@ -48,17 +49,30 @@ def row_labels(task_names: Sequence[str]) -> list[str]:
 def evaluate(
     method: Method, task: Task, examples: Sequence[Example], max_new_tokens: int, tokenizer: Any = None
 ) -> tuple[CellResult, list[dict[str, Any]]]:
-    """Generate with the method, score with the task (never with the method), return the cell and samples."""
+    """Generate with the method, score with the task (never with the method), return the cell and samples.
+
+    Under ``accelerate launch`` the examples are sharded across processes and the records gathered in order.
+    """
+    # Multi-turn tasks (harness/agent.py) own the episode loop and call method.generate once per turn.
+    rollout = getattr(task, "rollout", None)
+
+    def generate_shard(shard: list[Example]) -> list[tuple[str, str]]:
+        if rollout is not None:
+            completions = rollout(method, shard, max_new_tokens, tokenizer)
+        else:
+            completions = method.generate(task, shard, max_new_tokens)
+        if len(completions) != len(shard):
+            raise RuntimeError(f"method {method.name} returned {len(completions)} completions for {len(shard)} prompts")
+        prompts = None if rollout is not None else getattr(method, "last_prompts", None)
+        if not prompts or len(prompts) != len(shard):
+            prompts = [task.prompt(e, tokenizer) for e in shard]
+        return list(zip(prompts, completions, strict=True))
+
     t0 = time.perf_counter()
-    completions = method.generate(task, examples, max_new_tokens)
+    pairs = map_sharded(generate_shard, list(examples))
     seconds = time.perf_counter() - t0
-    if len(completions) != len(examples):
-        raise RuntimeError(f"method {method.name} returned {len(completions)} completions for {len(examples)} prompts")
-    prompts = getattr(method, "last_prompts", None)
-    if not prompts or len(prompts) != len(examples):
-        prompts = [task.prompt(e, tokenizer) for e in examples]
     samples = []
-    for e, c, p in zip(examples, completions, prompts, strict=True):
+    for e, (p, c) in zip(examples, pairs, strict=True):
         score = task.score(c, e)
         samples.append({"id": e.id, "prompt": p, "completion": c, "extracted": task.extract(c),
                         "gold": e.answer, "score": score})
@@ -139,11 +153,14 @@ def run_method(
     _check_resumable(run_dir, cfg)
     cfg_dict = to_dict(cfg)
     cfg_dict["methods"] = [method_name]
-    atomic_write_json(run_dir / "config.json", cfg_dict)
     T = len(tasks)
     seeds = {"master": cfg.seed, **{f"train_stage{i}": derive_seed(cfg.seed, "train", i) for i in range(1, T + 1)}}
-    if not (run_dir / "meta.json").exists():
-        atomic_write_json(run_dir / "meta.json", run_metadata(seeds, {t.name: t.version for t in tasks}))
+    main = is_main()  # under accelerate launch only the main process writes; the others compute and wait
+    if main:
+        atomic_write_json(run_dir / "config.json", cfg_dict)
+        if not (run_dir / "meta.json").exists():
+            atomic_write_json(run_dir / "meta.json", run_metadata(seeds, {t.name: t.version for t in tasks}))
+    barrier()
 
     lm = model or load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
     set_seed(derive_seed(cfg.seed, "init"))
@@ -162,11 +179,13 @@ def run_method(
             train = task.load("train", limit=cfg.train_limit, seed=cfg.seed)
             notify("train_start", {"method": method_name, "stage": stage, "task": task.name, "n": len(train)})
             stats = method.train_on_task(task, train, stage)
-            ckpt, commit = atomic_dir(run_dir / "checkpoints" / f"stage{stage}")
-            method.save(ckpt)
-            (ckpt / "DONE").write_text("ok\n")
-            commit()
-            atomic_write_json(run_dir / "train" / f"stage{stage}.json", {"task": task.name, **stats})
+            if main:
+                ckpt, commit = atomic_dir(run_dir / "checkpoints" / f"stage{stage}")
+                method.save(ckpt)
+                (ckpt / "DONE").write_text("ok\n")
+                commit()
+                atomic_write_json(run_dir / "train" / f"stage{stage}.json", {"task": task.name, **stats})
+            barrier()
             notify("train_end", {"method": method_name, "stage": stage, "task": task.name, **stats})
         for task, examples in zip(tasks, test_sets, strict=True):
             cell = run_dir / "cells" / f"{cell_name(stage, task.name)}.json"
@@ -174,16 +193,29 @@ def run_method(
                 continue
             if stage > 0 and not trains:
                 # A method that never changes (vanilla) has identical rows: copy row 0 instead of re-generating.
-                src = read_json(run_dir / "cells" / f"{cell_name(0, task.name)}.json")
-                atomic_write_json(cell, {**src, "copied_from_row": 0})
+                if main:
+                    src = read_json(run_dir / "cells" / f"{cell_name(0, task.name)}.json")
+                    atomic_write_json(cell, {**src, "copied_from_row": 0})
+                barrier()
                 continue
             notify("eval_start", {"method": method_name, "row": stage, "task": task.name, "n": len(examples)})
             set_seed(derive_seed(cfg.seed, "eval", stage, task.name))
             budget = cfg.eval.max_new_tokens or task.max_new_tokens
             result, samples = evaluate(method, task, examples, budget, lm.tokenizer)
-            atomic_write_jsonl(run_dir / "samples" / f"{cell_name(stage, task.name)}.jsonl", samples)
-            atomic_write_json(cell, {"row": stage, "task": task.name, "task_version": task.version,
-                                     **result.__dict__})
+            if main:
+                atomic_write_jsonl(run_dir / "samples" / f"{cell_name(stage, task.name)}.jsonl", samples)
+                atomic_write_json(cell, {"row": stage, "task": task.name, "task_version": task.version,
+                                         **result.__dict__})
+            barrier()
             notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__})
-        write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
-    return write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+        if main:
+            write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+        barrier()
+    return summarize_run(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+
+
+def summarize_run(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary (main process writes it; the others read what it wrote)."""
+    if is_main():
+        return write_matrix_files(run_dir, task_names, extra)
+    return read_json(run_dir / "summary.json")

@@ -11,13 +11,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 
-from harness.config import RunConfig, TrainConfig
+from harness.config import ConfigError, RunConfig, TrainConfig
+from harness.errors import NonFiniteLossError
 
 IGNORE_INDEX = -100
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; nothing from this stage is kept."""
 
 
 def tokenize_prompt_target(
@@ -68,11 +65,21 @@ def steps_for(t: TrainConfig, n_examples: int, world_size: int = 1) -> int:
     return max(1, math.ceil(t.epochs * n_examples / per_step))
 
 
+def per_device_batch(batch_size: int, n_proc: int) -> int:
+    """``train.batch_size`` is the global batch: split it evenly over the processes of a launch."""
+    if batch_size % n_proc:
+        raise ConfigError(f"train.batch_size={batch_size} does not divide over {n_proc} processes; "
+                          f"use a multiple of {n_proc}")
+    return batch_size // n_proc
+
+
 def training_arguments(cfg: RunConfig, seed: int, max_steps: int, **extra: Any) -> TrainingArguments:
+    from harness.distributed import world
+
     t = cfg.train
     return TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="memgen-trainer-"),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=per_device_batch(t.batch_size, world()[1]),
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,

