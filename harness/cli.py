@@ -142,6 +142,46 @@ def _relaunch(n: int, device: str) -> int:
     return subprocess.run(cmd).returncode
 
 
+@app.command()
+def sweep(
+    spec_file: Path = typer.Option(None, "--grid", "-g", help="Sweep YAML (base, sequence, orders, methods, seeds)."),
+    sequence: str = typer.Option(None, help="Sequence whose orders are swept."),
+    orders: str = typer.Option(None, help="given or latin."),
+    n_orders: int = typer.Option(None, help="Number of Latin-square orders."),
+    methods: str = typer.Option(None, help="Comma-separated methods."),
+    seeds: str = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
+    out: Path = typer.Option(Path("runs/sweep"), help="Sweep root: <out>/<order>/seed<S>/<method>."),
+    emit: bool = typer.Option(False, help="Do not run: write one `accelerate launch` line per unfinished cell "
+                              "(commands.txt) and a SLURM array script (slurm_array.sh)."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Processes per cell in emitted commands."),
+    accelerate_config: str = typer.Option(None, help="--config_file for emitted accelerate commands."),
+) -> None:
+    """Run (or emit commands for) a grid of methods x task orders x seeds; finished cells are skipped."""
+    from harness.runner import run_method
+    from harness.store import atomic_write_text
+    from harness.sweep import cell_config, cells, launch_commands, load_spec, slurm_script
+
+    try:
+        spec = load_spec(spec_file, {"sequence": sequence, "orders": orders, "n_orders": n_orders,
+                                     "methods": methods, "seeds": seeds})
+        grid = cells(spec, out)
+        if emit:
+            lines = launch_commands(spec, out, num_processes, accelerate_config)
+            cmds = out / "commands.txt"
+            atomic_write_text(cmds, "".join(line + "\n" for line in lines))
+            atomic_write_text(out / "slurm_array.sh", slurm_script(cmds, len(lines), num_processes))
+            print("\n".join(lines))
+            console.print(f"{len(lines)} unfinished of {len(grid)} cells -> {cmds} and {out / 'slurm_array.sh'}")
+            return
+        todo = [c for c in grid if not c.complete()]
+        console.print(f"sweep: {len(grid)} cells, {len(grid) - len(todo)} already complete")
+        for i, c in enumerate(todo, 1):
+            console.print(f"[{i}/{len(todo)}] {c.method} order={c.sequence} seed={c.seed}")
+            run_method(c.method, cell_config(spec, c), c.run_dir)
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
 @app.command("eval")
 def eval_cmd(
     task: list[str] = typer.Option(..., "--task", "-t", help="Task(s) to evaluate."),
@@ -221,6 +261,8 @@ def report(
                 print(tables.to_latex(a, table) if format == "latex" else tables.to_markdown(a, table))
             for path in written:
                 console.print(f"wrote {path}")
+            for path in a.skipped:
+                console.print(f"[yellow]left out unfinished run[/] {path}")
         else:
             print(render(summary_table(dirs), format, caption="Continual-learning metrics (percent)"))
         if matrices:

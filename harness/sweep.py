@@ -1,0 +1,150 @@
+"""Sweeps: a grid of methods x task orders x seeds, one run directory per cell.
+
+The grid comes from a YAML file (or CLI options)::
+
+    base: {model: smollm2-135m, limit: 32, train: {max_steps: 48}}   # RunConfig fields shared by every cell
+    sequence: quick            # the task list whose orders are swept
+    orders: latin              # "given", "latin" (balanced Latin square rows) or an explicit list of lists
+    n_orders: 2                # how many Latin-square rows (default: all)
+    methods: [vanilla, sft]
+    seeds: [0, 1]
+
+Cell directories are ``<out>/<order a-b-c>/seed<S>/<method>``: ``memgen-bench report <out>`` finds them all. A cell
+whose summary says ``complete`` is skipped; an unfinished one resumes. Cells can run here one after another, or be
+emitted as one ``accelerate launch`` command line each plus a SLURM array script.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.config import ConfigError, RunConfig, from_dict, to_dict
+from harness.methods import check_methods
+from harness.store import atomic_write_text, read_json
+from tasks.registry import resolve_sequence
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    order: tuple[str, ...]
+    seed: int
+    method: str
+    run_dir: Path
+
+    @property
+    def sequence(self) -> str:
+        return ",".join(self.order)
+
+    def complete(self) -> bool:
+        p = self.run_dir / "summary.json"
+        return p.exists() and bool(read_json(p).get("complete"))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A grid of runs."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    """RunConfig fields shared by every cell (sequence, methods, seed and out are set per cell)."""
+    sequence: str = "quick"
+    """Named sequence or inline task list whose orders are swept."""
+    orders: Any = "given"
+    """"given", "latin", or an explicit list of task lists."""
+    n_orders: int | None = None
+    """Number of Latin-square rows to use (None = all)."""
+    methods: tuple[str, ...] = ("vanilla", "sft")
+    """Methods run in every (order, seed)."""
+    seeds: tuple[int, ...] = (0,)
+    """Master seeds."""
+
+
+def load_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"sweep file not found: {p}")
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a sweep file must be a YAML mapping")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(data) - set(SweepSpec.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown sweep key(s) {unknown}; valid: {sorted(SweepSpec.__dataclass_fields__)}")
+    if isinstance(data.get("methods"), str):
+        data["methods"] = data["methods"].split(",")
+    if isinstance(data.get("seeds"), str):
+        data["seeds"] = [int(s) for s in data["seeds"].split(",")]
+    spec = SweepSpec(**{**data, "methods": tuple(data.get("methods", SweepSpec.methods)),
+                        "seeds": tuple(int(s) for s in data.get("seeds", SweepSpec.seeds))})
+    check_methods(spec.methods)
+    for key in ("sequence", "methods", "seed", "out"):
+        if key in spec.base:
+            raise ConfigError(f"sweep base sets {key!r}, which the sweep sets per cell; remove it from base")
+    from_dict(RunConfig, spec.base)  # validate the shared part up front, with clear errors
+    return spec
+
+
+def orders_of(spec: SweepSpec) -> list[list[str]]:
+    from harness.analysis.orders import task_orders
+
+    if isinstance(spec.orders, list):
+        return [resolve_sequence(",".join(o) if isinstance(o, list) else str(o)) for o in spec.orders]
+    return task_orders(resolve_sequence(spec.sequence), spec.n_orders, spec.orders)
+
+
+def cells(spec: SweepSpec, out: Path) -> list[SweepCell]:
+    return [
+        SweepCell(tuple(order), seed, method, out / "-".join(order) / f"seed{seed}" / method)
+        for order in orders_of(spec)
+        for seed in spec.seeds
+        for method in spec.methods
+    ]
+
+
+def cell_config(spec: SweepSpec, cell: SweepCell) -> RunConfig:
+    return from_dict(RunConfig, {**spec.base, "sequence": cell.sequence, "methods": [cell.method],
+                                 "seed": cell.seed, "out": str(cell.run_dir.parent)})
+
+
+def write_base_config(spec: SweepSpec, out: Path) -> Path:
+    path = out / "sweep_base.yaml"
+    base = {k: v for k, v in to_dict(from_dict(RunConfig, spec.base)).items()
+            if k not in ("sequence", "methods", "seed", "out")}
+    atomic_write_text(path, yaml.safe_dump(base, sort_keys=False))
+    return path
+
+
+def launch_commands(spec: SweepSpec, out: Path, num_processes: int, config_file: str | None = None) -> list[str]:
+    """One ``accelerate launch`` line per unfinished cell."""
+    base = write_base_config(spec, out)
+    launcher = ["accelerate", "launch", "--num_processes", str(num_processes)]
+    if config_file:
+        launcher += ["--config_file", config_file]
+    lines = []
+    for c in cells(spec, out):
+        if c.complete():
+            continue
+        cmd = [*launcher, "-m", "harness.cli", "run", "--config", str(base), "--sequence", c.sequence,
+               "--methods", c.method, "--seed", str(c.seed), "--out", str(c.run_dir.parent)]
+        lines.append(shlex.join(cmd))
+    return lines
+
+
+def slurm_script(commands_file: Path, n: int, gpus: int) -> str:
+    return f"""#!/bin/bash
+#SBATCH --job-name=memgen-bench-sweep
+#SBATCH --array=0-{max(n - 1, 0)}
+#SBATCH --gpus-per-task={gpus}
+#SBATCH --output=slurm-%A_%a.out
+# One array task per sweep cell; each line of {commands_file.name} is one `accelerate launch` command.
+set -euo pipefail
+cmd=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(commands_file))})
+echo "$cmd"
+eval "$cmd"
+"""

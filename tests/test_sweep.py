@@ -1,0 +1,45 @@
+"""Sweeps: the grid, skipping finished cells, emitted launch commands and SLURM script."""
+
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import ConfigError
+from harness.sweep import cells, load_spec
+
+
+def test_grid_and_validation(tmp_path):
+    spec = load_spec(None, {"sequence": "quick", "orders": "latin", "n_orders": 2, "methods": "vanilla,sft",
+                            "seeds": "0,1"})
+    grid = cells(spec, tmp_path)
+    assert len(grid) == 2 * 2 * 2
+    assert grid[0].order == ("arith", "reverse", "choice")
+    assert len({c.order for c in grid}) == 2
+    assert str(grid[0].run_dir).endswith("arith-reverse-choice/seed0/vanilla")
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_spec(None, {"methods": "nope"})
+    with pytest.raises(ConfigError, match="sets 'seed'"):
+        load_spec(None, {"base": {"seed": 3}})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_spec(None, {"base": {"bogus": 1}})
+
+
+@pytest.mark.slow
+def test_sweep_runs_skips_and_emits(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {model: tiny-random, limit: 2, eval: {max_new_tokens: 4}}\nsequence: arith,choice\n"
+                    "orders: latin\nmethods: [vanilla]\nseeds: [0, 1]\n")
+    out = tmp_path / "sw"
+    run = [sys.executable, "-m", "harness.cli", "sweep", "--grid", str(grid), "--out", str(out)]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 cells, 0 already complete" in r.stderr
+    assert (out / "choice-arith" / "seed1" / "vanilla" / "summary.json").exists()
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600)
+    assert "4 cells, 4 already complete" in r.stderr
+    r = subprocess.run([*run, "--emit"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "0 unfinished of 4" in r.stderr
+    rep = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(out / "arith-choice" / "seed0")],
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and "vanilla" in rep.stdout
