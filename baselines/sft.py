@@ -22,7 +22,14 @@ from harness.config import RunConfig
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.training import LossGuard, lora_config, pad_right, steps_for, tokenize_prompt_target, training_arguments
+from harness.training import (
+    LossGuard,
+    lora_config,
+    pad_right,
+    steps_for,
+    tokenize_prompt_target,
+    training_arguments,
+)
 from tasks.base import Example, Task
 
 ADAPTER_DIR = "adapter"
@@ -54,7 +61,7 @@ class SFT:
             for e in examples
         ]
         steps = steps_for(self.cfg.train, len(rows))
-        guard = LossGuard(f"sft on {task.name}")
+        guard = LossGuard(f"sft on {task.name}", getattr(self, "on_step", None))
         trainer = Trainer(
             model=self.model,
             args=training_arguments(self.cfg, seed, steps),

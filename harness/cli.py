@@ -54,7 +54,14 @@ class _Progress:
                                  f"acc {info['accuracy']:6.2f}%  (n={info['n']}, {info['seconds']:.1f}s)")
         elif kind == "train_start":
             self.p.update(self.bar, description=f"{info['method']}: training on {info['task']} ({info['n']} ex)")
+            self.train_bar = self.p.add_task(f"  train {info['task']}", total=None)
+        elif kind == "train_step" and getattr(self, "train_bar", None) is not None:
+            self.p.update(self.train_bar, completed=info["step"], total=info["total"],
+                          description=f"  train {info['task']} loss {info['loss']:.3f}")
         elif kind == "train_end":
+            if getattr(self, "train_bar", None) is not None:
+                self.p.remove_task(self.train_bar)
+                self.train_bar = None
             self.p.console.print(f"  {info['method']:>10} trained on {info['task']} in {info.get('seconds', 0):.1f}s")
         elif kind == "resume":
             self.p.console.print(f"  {info['method']}: resuming after stage {info['stage']}")
@@ -331,6 +338,9 @@ def transfer(
                                                       if kind == "eval_end" else f"training on {i['task']}")))
             dirs.append(d)
         df = transfer_table([Path(out)])  # every seed run into this root so far
+        from harness.store import atomic_write_text
+
+        atomic_write_text(Path(out) / "transfer_table.csv", df.to_csv(index=False, float_format="%.4f"))
     except USER_ERRORS as exc:
         _fail(exc)
     for name in cfg.methods:

@@ -2,6 +2,10 @@
 
 A method owns a model (and whatever memory it keeps), trains on one task at a time and generates completions.
 It never scores: the runner scores every completion with the task's own scorer.
+
+Optional attributes the runner uses when present: ``trains = False`` (the method never changes: later rows copy
+row 0), ``last_prompts`` (the prompts actually used, recorded with the samples) and ``on_step`` (set by the
+runner before training: call ``on_step(step, total_steps, loss)`` to drive the progress bar).
 """
 
 from __future__ import annotations

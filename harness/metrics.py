@@ -14,12 +14,22 @@ Formulas (T tasks; a_{i,j} = accuracy on task j after training on task i, 1-base
 - Retention                   = (1/(T-1)) sum_{i<T} a_{T,i} / a_{i,i}   (tasks with a_{i,i} = 0 are skipped)
 
 Every function returns NaN when the metric is undefined (e.g. BWT with one task); ``undefined_reason`` says why.
+
+Conventions (``Conventions`` / ``PRESETS``; the default is the GEM paper's, which the MemGen paper's figures use):
+- ``bwt_divisor``: "T-1" (GEM paper) or "T" (GEM's public code; also TRACE's "average over the t tasks seen so
+  far" at t = T, whose last term a_{T,T} - a_{T,T} is 0).
+- ``forgetting``: "max" (Chaudhry et al. 2018, max-minus-last) or "first_last" (Avalanche, first-minus-last).
+- ``acc``: "final" (GEM ACC = TRACE OP_T) or "incremental" (mean over stages t of OP_t, the average over the
+  tasks seen so far: Rebuffi et al.'s average incremental accuracy).
+``seen_so_far`` gives TRACE's per-stage curves OP_t = (1/t) sum_{i<=t} a_{t,i} and
+BWT_t = (1/t) sum_{i<=t} (a_{t,i} - a_{i,i}).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,9 +48,33 @@ def n_tasks(R: Matrix) -> int:
     return as_matrix(R).shape[1]
 
 
-def average_accuracy(R: Matrix) -> float:
+BWT_DIVISORS = ("T-1", "T")
+FORGETTING_KINDS = ("max", "first_last")
+ACC_KINDS = ("final", "incremental")
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(valid)}")
+
+
+def average_accuracy(R: Matrix, kind: str = "final") -> float:
+    _check("acc convention", kind, ACC_KINDS)
     a = as_matrix(R)
+    if kind == "incremental":
+        return float(seen_so_far(a)["op"].mean())
     return float(a[-1].mean())  # mean over the T columns of the last row
+
+
+def seen_so_far(R: Matrix) -> dict[str, np.ndarray]:
+    """TRACE-style curves over stages t = 1..T: ``op`` (T,) = mean of a_{t,1..t}; ``bwt`` (T,) =
+    (1/t) sum_{i<=t} (a_{t,i} - a_{i,i}) (0 at t = 1, where only the just-learned task is seen)."""
+    a = as_matrix(R)
+    T = a.shape[1]
+    d = diagonal(a)  # (T,)
+    op = np.array([a[t, :t].mean() for t in range(1, T + 1)])  # (T,)
+    bwt = np.array([(a[t, :t] - d[:t]).mean() for t in range(1, T + 1)])  # (T,)
+    return {"op": op, "bwt": bwt}
 
 
 def diagonal(R: Matrix) -> np.ndarray:
@@ -51,6 +85,7 @@ def diagonal(R: Matrix) -> np.ndarray:
 
 
 def backward_transfer(R: Matrix, divisor: str = "T-1") -> float:
+    _check("bwt divisor", divisor, BWT_DIVISORS)
     a = as_matrix(R)
     T = a.shape[1]
     if T < 2:
@@ -69,6 +104,7 @@ def forward_transfer(R: Matrix) -> float:
 
 
 def forgetting(R: Matrix, kind: str = "max") -> float:
+    _check("forgetting convention", kind, FORGETTING_KINDS)
     a = as_matrix(R)
     T = a.shape[1]
     if T < 2:
@@ -111,10 +147,10 @@ def undefined_reason(name: str, R: Matrix) -> str | None:
     return None
 
 
-def summarize(R: Matrix, bwt_divisor: str = "T-1", forgetting_kind: str = "max") -> dict:
+def summarize(R: Matrix, bwt_divisor: str = "T-1", forgetting_kind: str = "max", acc_kind: str = "final") -> dict:
     """All metrics under the keys of ``summary.json``, plus reasons for the undefined ones."""
     out = {
-        "acc": average_accuracy(R),
+        "acc": average_accuracy(R, acc_kind),
         "bwt": backward_transfer(R, bwt_divisor),
         "fwt": forward_transfer(R),
         "forgetting": forgetting(R, forgetting_kind),
@@ -124,5 +160,73 @@ def summarize(R: Matrix, bwt_divisor: str = "T-1", forgetting_kind: str = "max")
     }
     reasons = {k: r for k in ("bwt", "fwt", "forgetting", "retention") if (r := undefined_reason(k, R))}
     out["undefined"] = reasons
-    out["conventions"] = {"bwt_divisor": bwt_divisor, "forgetting": forgetting_kind, "scale": "percent"}
+    out["conventions"] = {"bwt_divisor": bwt_divisor, "forgetting": forgetting_kind, "acc": acc_kind,
+                          "scale": "percent"}
     return out
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """Which published definition each metric follows, so numbers can be compared with a given paper."""
+
+    bwt_divisor: str = "T-1"
+    """"T-1" (GEM paper, default) or "T" (GEM's code; TRACE's seen-so-far average at the last stage)."""
+    forgetting: str = "max"
+    """"max" (Chaudhry et al. 2018: best earlier accuracy minus last, default) or "first_last" (Avalanche)."""
+    acc: str = "final"
+    """"final" (mean of the last row, default) or "incremental" (mean over stages of the seen-so-far average)."""
+
+    def __post_init__(self) -> None:
+        _check("bwt divisor", self.bwt_divisor, BWT_DIVISORS)
+        _check("forgetting convention", self.forgetting, FORGETTING_KINDS)
+        _check("acc convention", self.acc, ACC_KINDS)
+
+
+# Named presets; "gem" is the default and the one the MemGen paper's continual-learning figures follow.
+PRESETS: dict[str, Conventions] = {
+    "gem": Conventions(),
+    "gem-code": Conventions(bwt_divisor="T"),
+    "trace": Conventions(bwt_divisor="T"),
+    "avalanche": Conventions(forgetting="first_last"),
+    "chaudhry": Conventions(forgetting="max"),
+    "incremental": Conventions(acc="incremental"),
+}
+
+
+def conventions(name: str | Conventions | None) -> Conventions:
+    """A preset by name (``gem``, ``gem-code``, ``trace``, ``avalanche``, ``chaudhry``, ``incremental``)."""
+    if name is None:
+        return Conventions()
+    if isinstance(name, Conventions):
+        return name
+    if name not in PRESETS:
+        raise ValueError(f"unknown metric convention {name!r}; use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def summarize_with(R: Matrix, conv: str | Conventions | None = None) -> dict:
+    """``summarize`` under a named convention preset (or a ``Conventions``)."""
+    c = conventions(conv)
+    return summarize(R, c.bwt_divisor, c.forgetting, c.acc)
+
+
+def per_task(R: Matrix, forgetting_kind: str = "max") -> dict[str, np.ndarray]:
+    """Per-task quantities, each of shape (T,) in column order (NaN where undefined):
+    ``init`` a_{0,j}; ``learned`` a_{j,j}; ``final`` a_{T,j}; ``bwt`` a_{T,j} - a_{j,j} (NaN for the last task);
+    ``fwt`` a_{j-1,j} - a_{0,j} (NaN for the first); ``forgetting`` and ``retention`` a_{T,j} / a_{j,j} (NaN for the
+    last task, and for retention where a_{j,j} = 0)."""
+    _check("forgetting convention", forgetting_kind, FORGETTING_KINDS)
+    a = as_matrix(R)
+    T = a.shape[1]
+    d = diagonal(a)  # (T,)
+    nan = np.full(T, np.nan)
+    bwt, fwt, forg = nan.copy(), nan.copy(), nan.copy()
+    bwt[: T - 1] = a[T, : T - 1] - d[: T - 1]
+    fwt[1:] = a[np.arange(1, T), np.arange(1, T)] - a[0, 1:]
+    if T > 1:
+        ref = d[: T - 1] if forgetting_kind == "first_last" else a[1:T, : T - 1].max(axis=0)  # (T-1,)
+        forg[: T - 1] = ref - a[T, : T - 1]
+    ret = retention_per_task(a)
+    ret[T - 1] = np.nan  # the last task is retained by definition (a_{T,T} / a_{T,T}): not informative
+    return {"init": a[0].copy(), "learned": d, "final": a[T].copy(), "bwt": bwt, "fwt": fwt,
+            "forgetting": forg, "retention": ret}

@@ -1,9 +1,13 @@
-"""Tables over finished runs: one row per method, columns ACC, BWT, FWT, forgetting, retention; CSV/LaTeX/MD."""
+"""Tables over finished runs: one row per method, columns ACC, BWT, FWT, forgetting, retention; CSV/LaTeX/MD.
+
+``analysis_report`` aggregates many runs (methods x task orders x seeds) with bootstrap CIs, writes tidy CSV,
+Markdown, LaTeX, JSON and plots (``harness.analysis``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -14,7 +18,7 @@ COLUMNS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting",
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories (holding summary.json) at or directly below each path."""
+    """Run directories (holding summary.json) at or anywhere below each path (sweeps nest ORDER/seedS/METHOD)."""
     runs: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -22,7 +26,7 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
         if (p / "summary.json").exists():
             runs.append(p)
         else:
-            runs += sorted(q.parent for q in p.glob("*/summary.json"))
+            runs += sorted(q.parent for q in p.rglob("summary.json"))
     if not runs:
         raise FileNotFoundError(f"no runs (folders with summary.json) under {', '.join(map(str, paths))}")
     return runs
@@ -55,3 +59,49 @@ def render(df: pd.DataFrame, fmt: str, caption: str | None = None) -> str:
     if fmt == "latex":
         return shown.to_latex(index=False, float_format="%.2f", caption=caption, na_rep="--")
     raise ValueError(f"unknown format {fmt!r}; use csv, latex or md")
+
+
+TABLES = ("main", "final", "retention", "forgetting")
+
+
+def analysis_report(
+    paths: Sequence[str | Path], out: Path | None = None, conventions: str = "gem", resamples: int = 1000,
+    plots: bool = False, seed: int = 0,
+) -> tuple[Any, list[Path]]:
+    """Mean +- 95% bootstrap CI over every run under ``paths`` (methods x orders x seeds). With ``out``, writes
+    ``cl_tidy.csv`` (one row per method x metric x task), ``cl_tables.md``, ``cl_tables.tex``, ``cl_analysis.json``
+    and, with ``plots``, PNG+PDF figures under ``out/plots``. Returns the Analysis and the files written."""
+    from harness.analysis import tables
+    from harness.analysis.runs import load_runs
+    from harness.store import atomic_write_json, atomic_write_text
+
+    skipped: list[Path] = []
+    a = tables.analyze(load_runs(list(paths), skipped), conventions, B=resamples, seed=seed)
+    a.skipped = skipped
+    written: list[Path] = []
+    if out is None:
+        return a, written
+    md = [f"# Continual-learning report\n\n{a.caption('All tables', latex=False)}\n"]
+    if skipped:
+        md.append("Left out (unfinished): " + ", ".join(map(str, skipped)) + "\n")
+    titles = {"main": "Metrics", "final": "Accuracy on each task after the whole sequence (avg = ACC)",
+              "retention": "Retention a_T,i / a_i,i per task (%)", "forgetting": "Forgetting per task"}
+    for kind in TABLES:
+        md.append(f"## {titles[kind]}\n\n{tables.to_markdown(a, kind)}\n")
+    for (method, order), R in a.mean_matrices.items():
+        tasks = order.split("->")
+        df = pd.DataFrame(R, index=["init", *tasks], columns=tasks).round(2)
+        md.append(f"## R: {method}, {' -> '.join(tasks)} (mean over seeds)\n\n{df.to_markdown()}\n")
+    files = {"cl_tidy.csv": tables.to_csv(a), "cl_tables.md": "\n".join(md),
+             "cl_tables.tex": "\n".join(tables.to_latex(a, kind) for kind in TABLES)}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+        written.append(out / name)
+    atomic_write_json(out / "cl_analysis.json", tables.to_json(a))
+    written.append(out / "cl_analysis.json")
+    if plots:
+        from harness.analysis.plots import all_plots
+
+        written += all_plots(a, out / "plots")
+    return a, written

@@ -71,9 +71,13 @@ def evaluate(
     t0 = time.perf_counter()
     pairs = map_sharded(generate_shard, list(examples))
     seconds = time.perf_counter() - t0
+    completions = [c for _, c in pairs]
+    # Tasks that execute code score a batch in parallel on their sandbox pool (same scorer, one call).
+    score_many = getattr(task, "score_many", None)
+    scores = score_many(completions, examples) if score_many else [task.score(c, e) for c, e in
+                                                                   zip(completions, examples, strict=True)]
     samples = []
-    for e, (p, c) in zip(examples, pairs, strict=True):
-        score = task.score(c, e)
+    for e, (p, c), score in zip(examples, pairs, scores, strict=True):
         samples.append({"id": e.id, "prompt": p, "completion": c, "extracted": task.extract(c),
                         "gold": e.answer, "score": score})
     correct = sum(s["score"] for s in samples)
@@ -166,6 +170,10 @@ def run_method(
     set_seed(derive_seed(cfg.seed, "init"))
     method = build_method(method_name, lm, cfg)
     trains = getattr(method, "trains", True)
+    untrainable = [t.name for t in tasks if "train" not in getattr(getattr(t, "definition", None), "splits", {"train": 1})]
+    if untrainable:
+        raise ConfigError(f"task(s) {untrainable} have no train split, so they cannot be learned in a sequence; "
+                          f"evaluate them with `memgen-bench eval` or use a task with training data")
     test_sets = [t.load("test", limit=cfg.eval_limit, seed=cfg.seed) for t in tasks]
 
     last = completed_stage(run_dir)
@@ -178,6 +186,11 @@ def run_method(
             task = tasks[stage - 1]
             train = task.load("train", limit=cfg.train_limit, seed=cfg.seed)
             notify("train_start", {"method": method_name, "stage": stage, "task": task.name, "n": len(train)})
+            try:  # progress hook for methods that report their steps (optional attribute)
+                method.on_step = lambda step, total, loss, _t=task.name: notify(
+                    "train_step", {"method": method_name, "task": _t, "step": step, "total": total, "loss": loss})
+            except AttributeError:
+                pass
             stats = method.train_on_task(task, train, stage)
             if main:
                 ckpt, commit = atomic_dir(run_dir / "checkpoints" / f"stage{stage}")
@@ -195,7 +208,7 @@ def run_method(
                 # A method that never changes (vanilla) has identical rows: copy row 0 instead of re-generating.
                 if main:
                     src = read_json(run_dir / "cells" / f"{cell_name(0, task.name)}.json")
-                    atomic_write_json(cell, {**src, "copied_from_row": 0})
+                    atomic_write_json(cell, {**src, "row": stage, "copied_from_row": 0})
                 barrier()
                 continue
             notify("eval_start", {"method": method_name, "row": stage, "task": task.name, "n": len(examples)})

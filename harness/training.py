@@ -27,6 +27,9 @@ def tokenize_prompt_target(
     """
     p = tokenizer(prompt, add_special_tokens=False).input_ids
     t = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(p) >= max_length:
+        raise ValueError(f"a prompt of {len(p)} tokens leaves no room for its target within train.max_length="
+                         f"{max_length}; raise train.max_length or shorten the task's prompt")
     ids = (p + t)[:max_length]
     labels = ([IGNORE_INDEX] * len(p) + t)[:max_length]
     return {"input_ids": ids, "labels": labels, "prompt_len": min(len(p), max_length)}
@@ -104,9 +107,10 @@ def training_arguments(cfg: RunConfig, seed: int, max_steps: int, **extra: Any) 
 class LossGuard(TrainerCallback):
     """Records the loss curve and stops with a clear error on a NaN/inf loss."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, on_step=None):
         self.label = label
         self.losses: list[float] = []
+        self.on_step = on_step  # optional progress hook: on_step(step, total_steps, loss)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - transformers hook
         if logs and "loss" in logs:
@@ -116,3 +120,5 @@ class LossGuard(TrainerCallback):
                     f"{self.label}: loss became {loss} at step {state.global_step}; lower train.lr or check the data"
                 )
             self.losses.append(loss)
+            if self.on_step is not None:
+                self.on_step(state.global_step, state.max_steps, loss)

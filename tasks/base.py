@@ -88,6 +88,8 @@ class TaskDefinition:
     """Keyword arguments of the generator (sizes of the splits, difficulty)."""
     description: str = ""
     """One line for ``memgen-bench tasks``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Settings read by an ``implementation`` class (environment parameters, a retrieval corpus, turn limits)."""
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:

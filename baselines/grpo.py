@@ -1,0 +1,223 @@
+"""GRPO: group-relative policy optimisation of the reasoner with the task's scorer as the reward, via TRL.
+
+Implements GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300) through ``trl.GRPOTrainer``: for each prompt,
+``num_generations`` completions are sampled, scored by ``task.score`` and given the advantage
+``(r - group mean) / (group std + 1e-4)`` (``harness.rl.group_advantages`` computes the same thing; a test checks
+that TRL agrees with it); the loss is the PPO-clipped policy gradient.
+
+Departures from the paper's GRPO (and from the MemGen paper's GRPO baseline):
+- LoRA (peft; ``train.lora_*``) by default instead of full fine-tuning; full with ``train.lora=false``.
+- beta = 0 by default (no KL term, no reference model), as in the MemGen public code and Dr. GRPO/DAPO; the
+  paper used 0.04. ``method_options.grpo.beta`` turns the k3 KL penalty back on (reference = the adapter at the
+  start of each task for LoRA, as TRL does).
+- One optimisation step per generated batch (``num_iterations`` = 1), so the importance ratio is 1 and clipping
+  is inactive; the paper's mu > 1 iterations are not exposed.
+- Outcome reward only (the task score in [0, 1]); no process supervision, no format reward.
+- Continual setting: one adapter trained on through the whole sequence, a fresh optimizer per task.
+- Evaluation decodes greedily (the runner's protocol), while training samples at ``temperature``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from harness.config import ConfigError, RunConfig, from_dict
+from harness.generation import generate_greedy
+from harness.models import LoadedModel
+from harness.seeding import derive_seed, set_seed
+from harness.training import LossGuard, lora_config
+from tasks.base import Example, Task
+
+ADAPTER_DIR = "adapter"
+FULL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """``method_options.grpo``; learning rate, steps, schedule and LoRA come from ``train.*``."""
+
+    num_generations: int = 8
+    """Completions sampled per prompt (the group size G)."""
+    prompts_per_step: int = 1
+    """Prompts per optimizer step; a step trains on prompts_per_step * num_generations completions."""
+    beta: float = 0.0
+    """KL coefficient against the reference policy (0 = no KL term and no reference forward)."""
+    loss_type: str = "grpo"
+    """TRL loss aggregation: grpo (per-sequence mean, the paper), bnpo/dapo (token mean), dr_grpo (constant)."""
+    epsilon: float = 0.2
+    """Lower PPO clipping range."""
+    epsilon_high: float | None = None
+    """Upper clipping range (None = epsilon; DAPO uses 0.28)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group (std of the group), batch (std of the batch) or none (Dr. GRPO)."""
+    max_completion_length: int = 0
+    """Tokens sampled per completion while training; 0 = the task's own generation budget."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+
+
+def parse_options(options: dict[str, Any]) -> GRPOOptions:
+    opts: GRPOOptions = from_dict(GRPOOptions, options, prefix="method_options.grpo.")
+    if opts.num_generations < 2:
+        raise ConfigError(f"method_options.grpo.num_generations must be >= 2 (got {opts.num_generations})")
+    if opts.prompts_per_step < 1:
+        raise ConfigError(f"method_options.grpo.prompts_per_step must be >= 1 (got {opts.prompts_per_step})")
+    if opts.loss_type not in ("grpo", "bnpo", "dapo", "dr_grpo"):
+        raise ConfigError(f"method_options.grpo.loss_type {opts.loss_type!r} is not valid; use grpo, bnpo, dapo "
+                          f"or dr_grpo")
+    if opts.scale_rewards not in ("group", "batch", "none"):
+        raise ConfigError(f"method_options.grpo.scale_rewards {opts.scale_rewards!r} is not valid; use group, "
+                          f"batch or none")
+    if opts.temperature <= 0:
+        raise ConfigError("method_options.grpo.temperature must be > 0")
+    return opts
+
+
+def grpo_config(cfg: RunConfig, opts: GRPOOptions, seed: int, max_steps: int, max_completion_length: int):
+    """The ``trl.GRPOConfig`` for one task: one optimizer step per generated batch, CPU-safe settings."""
+    from trl import GRPOConfig
+
+    t = cfg.train
+    return GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="memgen-grpo-"),
+        per_device_train_batch_size=opts.num_generations * opts.prompts_per_step,
+        gradient_accumulation_steps=1,
+        num_generations=opts.num_generations,
+        num_iterations=1,
+        max_completion_length=max_completion_length,
+        temperature=opts.temperature,
+        beta=opts.beta,
+        loss_type=opts.loss_type,
+        epsilon=opts.epsilon,
+        epsilon_high=opts.epsilon_high,
+        scale_rewards=opts.scale_rewards,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of max_steps in transformers 5
+        lr_scheduler_type=t.scheduler,
+        max_grad_norm=t.max_grad_norm,
+        max_steps=max_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=cfg.device == "cpu",
+        bf16=cfg.dtype == "bf16" and cfg.device != "cpu",
+        gradient_checkpointing=False,  # small models; checkpointing only slows CPU runs down
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
+
+
+class RewardLog(TrainerCallback):
+    """Collects TRL's per-step mean reward (the training curve)."""
+
+    def __init__(self) -> None:
+        self.rewards: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - transformers hook
+        if logs and "reward" in logs:
+            self.rewards.append(float(logs["reward"]))
+
+
+def task_reward(task: Task, examples: Sequence[Example]) -> Callable[..., list[float]]:
+    """A TRL reward function: the task's scorer on each completion, the example found by its ``idx`` column."""
+
+    def task_score(completions: list[str], idx: list[int], **_: Any) -> list[float]:
+        return [float(task.score(c, examples[i])) for c, i in zip(completions, idx, strict=True)]
+
+    return task_score
+
+
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    reward_fn: Callable[..., list[float]],
+    args: Any,
+    callbacks: Sequence[TrainerCallback] = (),
+):
+    """A ``trl.GRPOTrainer`` on already chat-formatted ``prompts`` (rows carry their index as ``idx``)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    data = Dataset.from_list([{"prompt": p, "idx": i} for i, p in enumerate(prompts)])
+    return GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=data,
+                       processing_class=tokenizer, callbacks=list(callbacks))
+
+
+class GRPO:
+    name = "grpo"
+
+    def __init__(self, model: LoadedModel, cfg: RunConfig, options: dict[str, Any]):
+        self.cfg = cfg
+        self.opts = parse_options(options)
+        self.tokenizer = model.tokenizer
+        if cfg.train.lora:
+            from peft import get_peft_model
+
+            with torch.random.fork_rng():
+                torch.manual_seed(derive_seed(cfg.seed, "grpo-lora-init"))
+                self.model = get_peft_model(model.model, lora_config(cfg.train))
+        else:
+            self.model = model.model
+        # Extra ``transformers`` callbacks for the next trainings (benchmarks hook in here to interleave timings).
+        self.callbacks: list[TrainerCallback] = []
+
+    def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
+        seed = derive_seed(self.cfg.seed, "train", stage)
+        set_seed(seed)
+        t = self.cfg.train
+        steps = t.max_steps or max(1, round(t.epochs * len(examples) / self.opts.prompts_per_step))
+        budget = self.opts.max_completion_length or task.max_new_tokens
+        prompts = [task.prompt(e, self.tokenizer) for e in examples]
+        guard, rewards = LossGuard(f"grpo on {task.name}"), RewardLog()
+        trainer = build_trainer(self.model, self.tokenizer, prompts, task_reward(task, examples),
+                                grpo_config(self.cfg, self.opts, seed, steps, budget),
+                                [guard, rewards, *self.callbacks])
+        self.model.train()
+        t0 = time.perf_counter()
+        trainer.train()
+        if "ref" in getattr(self.model, "peft_config", {}):
+            # TRL adds a frozen copy of the adapter as the KL reference when beta > 0; it belongs to this task only.
+            self.model.delete_adapter("ref")
+        self.model.eval()
+        self.tokenizer.padding_side = "left"  # generation everywhere else relies on left padding
+        return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": guard.losses,
+                "rewards": rewards.rewards}
+
+    def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
+        prompts = [task.prompt(e, self.tokenizer) for e in examples]
+        return generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens, self.cfg.eval.batch_size)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path / (ADAPTER_DIR if self.cfg.train.lora else FULL_DIR))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.cfg.train.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors")))
+        else:
+            state: dict[str, torch.Tensor] = {}
+            for f in sorted((path / FULL_DIR).glob("*.safetensors")):
+                state.update(load_file(str(f)))
+            missing, _ = self.model.load_state_dict(state, strict=False)
+            # Tied embeddings are saved once; anything else missing is a broken checkpoint.
+            real_missing = [m for m in missing if "lm_head" not in m]
+            if real_missing:
+                raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
+        self.model.eval()

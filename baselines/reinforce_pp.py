@@ -1,0 +1,273 @@
+"""REINFORCE++: critic-free policy gradient with a token-level KL penalty and global advantage normalisation.
+
+Implements REINFORCE++ (Hu et al., arXiv 2501.03262) with OpenRLHF's semantics (``experience_maker.py``,
+``--advantage_estimator reinforce`` / ``reinforce_baseline``), using the pure functions of ``harness.rl``:
+1. sample ``samples_per_prompt`` completions per prompt (temperature ``temperature``, no top-k/top-p);
+2. reward = ``task.score`` (in [0, 1]); the ``baseline`` variant first subtracts each prompt's group mean;
+3. per-token reward = ``-kl_coef * k1`` (k1 = log pi - log pi_ref of the sampled token), plus the scalar reward on
+   the last generated token; returns with gamma = 1 (the reverse cumulative sum);
+4. advantages = returns whitened over every valid token of the global batch (all-reduced under torch.distributed);
+5. PPO-clipped policy loss, token-mean aggregation, AdamW.
+
+Differences from OpenRLHF:
+- A compact single-process trainer (HF ``generate`` for rollouts, no Ray/vLLM/DeepSpeed); the whitening still
+  all-reduces when torch.distributed is initialised, nothing else is distributed.
+- LoRA (peft) by default; the reference policy is then the base model with the adapter disabled, i.e. the model
+  before any training of the whole continual sequence (OpenRLHF's reference is the initial model too). With
+  ``train.lora=false`` a frozen copy of the initial model is kept.
+- One gradient step per rollout batch by default (``ppo_epochs`` = 1, no mini-batch split), so the PPO ratio is 1
+  up to dropout; OpenRLHF's rollout/train batch sizes collapse to ``prompts_per_step * samples_per_prompt``.
+- No reward clipping, no reward normalisation, no dual clip, no entropy bonus, no separate KL loss
+  (``use_kl_loss``); the stop token is part of the action mask like OpenRLHF's, prompt tokens never are.
+- Learning rate, steps, schedule, warm-up and gradient clipping come from ``train.*`` (shared with the other
+  methods) rather than OpenRLHF's defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from harness import rl
+from harness.config import ConfigError, RunConfig, from_dict
+from harness.generation import generate_greedy, stop_token_ids
+from harness.models import LoadedModel
+from harness.seeding import derive_seed, set_seed
+from harness.training import NonFiniteLossError, lora_config
+from tasks.base import Example, Task
+
+ADAPTER_DIR = "adapter"
+FULL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class ReinforcePPOptions:
+    """``method_options.reinforce_pp``; learning rate, steps, schedule and LoRA come from ``train.*``."""
+
+    samples_per_prompt: int = 8
+    """Completions sampled per prompt (the group size; 8 matches the GRPO baseline)."""
+    prompts_per_step: int = 1
+    """Prompts per optimizer step; a step trains on prompts_per_step * samples_per_prompt completions."""
+    variant: str = "reinforce"
+    """reinforce (REINFORCE++) or baseline (REINFORCE++-baseline: subtract the group mean reward first)."""
+    kl_coef: float = 0.01
+    """Coefficient of the per-token KL penalty in the reward (OpenRLHF's init_kl_coef); 0 skips the reference."""
+    kl_estimator: str = "k1"
+    """KL estimate in the reward: k1 (the paper's), k2 or k3."""
+    gamma: float = 1.0
+    """Discount of the returns (REINFORCE++ uses 1)."""
+    clip_eps: float = 0.2
+    """Lower PPO clipping range."""
+    clip_eps_high: float | None = None
+    """Upper clipping range (None = clip_eps)."""
+    loss_aggregation: str = "token"
+    """token (mean over all valid tokens, OpenRLHF's default), sequence, or constant (sum / (B * max length))."""
+    ppo_epochs: int = 1
+    """Gradient steps on each rollout batch (>1 makes the clipping active)."""
+    max_completion_length: int = 0
+    """Tokens sampled per completion while training; 0 = the task's own generation budget."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (log-probs are taken at the same temperature)."""
+
+
+def parse_options(options: dict[str, Any]) -> ReinforcePPOptions:
+    o: ReinforcePPOptions = from_dict(ReinforcePPOptions, options, prefix="method_options.reinforce_pp.")
+    key = "method_options.reinforce_pp."
+    if o.variant not in ("reinforce", "baseline"):
+        raise ConfigError(f"{key}variant {o.variant!r} is not valid; use reinforce or baseline")
+    if o.kl_estimator not in ("k1", "k2", "k3"):
+        raise ConfigError(f"{key}kl_estimator {o.kl_estimator!r} is not valid; use k1, k2 or k3")
+    if o.loss_aggregation not in ("token", "sequence", "constant"):
+        raise ConfigError(f"{key}loss_aggregation {o.loss_aggregation!r} is not valid; use token, sequence or constant")
+    for name in ("samples_per_prompt", "prompts_per_step", "ppo_epochs"):
+        if getattr(o, name) < 1:
+            raise ConfigError(f"{key}{name} must be >= 1 (got {getattr(o, name)})")
+    if o.variant == "baseline" and o.samples_per_prompt < 2:
+        raise ConfigError(f"{key}variant baseline needs samples_per_prompt >= 2")
+    if o.temperature <= 0 or o.kl_coef < 0 or not 0 < o.gamma <= 1:
+        raise ConfigError(f"{key}: temperature must be > 0, kl_coef >= 0 and gamma in (0, 1]")
+    return o
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions; rows of the same prompt are contiguous."""
+
+    input_ids: torch.Tensor  # (B, P + C) left-padded prompt then completion
+    attention_mask: torch.Tensor  # (B, P + C)
+    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first stop token
+    texts: list[str]
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """1 on every token up to and including the first stop token of each row, 0 after it. (B, C)"""
+    is_stop = torch.isin(completion_ids, torch.tensor(list(stop_ids), device=completion_ids.device)).long()
+    before_or_at_first = (is_stop.cumsum(1) - is_stop) == 0  # no stop strictly before this position
+    return before_or_at_first.long()
+
+
+def token_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities of the last ``n_completion`` tokens under ``model`` at ``temperature``. (B, C)"""
+    # Left padding: positions count real tokens only, as ``generate`` does, so the log-probs match the sampler's.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=n_completion + 1).logits[:, :-1].float()  # (B, C, V)
+    logits = logits / temperature
+    targets = input_ids[:, -n_completion:]  # (B, C)
+    # log_softmax(x)[y] = x[y] - logsumexp(x): avoids materialising a second (B, C, V) tensor
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def prompt_batches(n: int, k: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless batches of ``k`` example indices: seeded passes over ``range(n)``, reshuffled at each pass."""
+    queue: list[int] = []
+    while True:
+        while len(queue) < k:
+            order = list(range(n))
+            rng.shuffle(order)
+            queue += order
+        yield queue[:k]
+        queue = queue[k:]
+
+
+class ReinforcePP:
+    name = "reinforce_pp"
+
+    def __init__(self, model: LoadedModel, cfg: RunConfig, options: dict[str, Any]):
+        self.cfg = cfg
+        self.opts = parse_options(options)
+        self.tokenizer = model.tokenizer
+        self.ref_model: Any = None
+        if cfg.train.lora:
+            from peft import get_peft_model
+
+            with torch.random.fork_rng():
+                torch.manual_seed(derive_seed(cfg.seed, "reinforce_pp-lora-init"))
+                self.model = get_peft_model(model.model, lora_config(cfg.train))
+        else:
+            self.model = model.model
+            if self.opts.kl_coef > 0:
+                self.ref_model = copy.deepcopy(model.model).eval().requires_grad_(False)
+
+    # -- rollouts -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], n: int, max_new_tokens: int) -> Rollout:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        device = next(self.model.parameters()).device
+        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        ids = enc["input_ids"].repeat_interleave(n, 0)  # (B, P)
+        am = enc["attention_mask"].repeat_interleave(n, 0)  # (B, P)
+        stops = stop_token_ids(tok)
+        self.model.eval()
+        out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=self.opts.temperature,
+                                  top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                  pad_token_id=tok.pad_token_id)  # (B, P + C)
+        comp = out[:, ids.shape[1]:]  # (B, C)
+        cmask = completion_mask(comp, stops)
+        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(comp, cmask, strict=True)]
+        return Rollout(out, torch.cat([am, cmask], dim=1), cmask, texts)
+
+    def _logps(self, model: Any, r: Rollout) -> torch.Tensor:
+        return token_logps(model, r.input_ids, r.attention_mask, r.completion_mask.shape[1], self.opts.temperature)
+
+    @torch.no_grad()
+    def reference_logps(self, r: Rollout) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._logps(self.ref_model, r)
+        with self.model.disable_adapter():  # the base model is the reference under LoRA
+            return self._logps(self.model, r)
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def train_step(self, task: Task, batch: Sequence[Example], optimizer, scheduler, budget: int) -> dict[str, float]:
+        """Sample, score, compute REINFORCE++ advantages and take ``ppo_epochs`` gradient steps on one batch."""
+        o = self.opts
+        r = self.rollout([task.prompt(e, self.tokenizer) for e in batch], o.samples_per_prompt, budget)
+        examples = [e for e in batch for _ in range(o.samples_per_prompt)]
+        rewards = torch.tensor([float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)])  # (B,)
+        mask = r.completion_mask
+        with torch.no_grad():
+            old = self._logps(self.model, r)  # (B, C)
+            kl = rl.approx_kl(old, self.reference_logps(r), mask, o.kl_estimator) if o.kl_coef > 0 else None
+        adv, _ = rl.reinforce_pp_advantages(rewards.to(mask.device), mask, kl, o.kl_coef, o.gamma,
+                                            group_size=o.samples_per_prompt if o.variant == "baseline" else None)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for _ in range(o.ppo_epochs):
+            loss, stats = rl.policy_loss(self._logps(self.model, r), old, adv, mask, o.clip_eps, o.clip_eps_high,
+                                         o.loss_aggregation, max_len=budget)  # type: ignore[arg-type]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"reinforce_pp on {task.name}: loss became {loss.item()}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+            optimizer.step()
+        scheduler.step()
+        self.model.eval()
+        return {"loss": float(loss.item()), "reward": float(rewards.mean()), "clip_frac": stats["clip_frac"],
+                "kl": float(rl.masked_mean(kl, mask)) if kl is not None else 0.0,
+                "length": float(mask.sum(1).float().mean())}
+
+    def optimizer(self, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over the trainable parameters and the ``train.scheduler`` schedule for ``steps`` steps."""
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        warmup = t.warmup_ratio if t.warmup_ratio >= 1 else math.ceil(steps * t.warmup_ratio)  # transformers' rule
+        return optimizer, get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(warmup), num_training_steps=steps)
+
+    def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
+        seed = derive_seed(self.cfg.seed, "train", stage)
+        set_seed(seed)
+        t, o = self.cfg.train, self.opts
+        steps = t.max_steps or max(1, round(t.epochs * len(examples) / o.prompts_per_step))
+        budget = o.max_completion_length or task.max_new_tokens
+        optimizer, scheduler = self.optimizer(steps)
+        batches = prompt_batches(len(examples), o.prompts_per_step, random.Random(seed))
+        history: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = [examples[i] for i in next(batches)]
+            for k, v in self.train_step(task, batch, optimizer, scheduler, budget).items():
+                history.setdefault(k, []).append(v)
+        return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": history.get("loss", []),
+                "rewards": history.get("reward", []), "kl": history.get("kl", []),
+                "clip_frac": history.get("clip_frac", []), "lengths": history.get("length", [])}
+
+    # -- evaluation and checkpoints -----------------------------------------------------------------------------
+    def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
+        prompts = [task.prompt(e, self.tokenizer) for e in examples]
+        return generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens, self.cfg.eval.batch_size)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path / (ADAPTER_DIR if self.cfg.train.lora else FULL_DIR))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.cfg.train.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors")))
+        else:
+            state: dict[str, torch.Tensor] = {}
+            for f in sorted((path / FULL_DIR).glob("*.safetensors")):
+                state.update(load_file(str(f)))
+            missing, _ = self.model.load_state_dict(state, strict=False)
+            # Tied embeddings are saved once; anything else missing is a broken checkpoint.
+            real_missing = [m for m in missing if "lm_head" not in m]
+            if real_missing:
+                raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
+        self.model.eval()

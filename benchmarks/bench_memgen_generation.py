@@ -1,0 +1,116 @@
+"""MemGen generation cost vs plain ``generate`` and vs the naive re-compute implementation, side by side.
+
+Both sides generate the same number of positions: EOS is suppressed (``min_new_tokens`` for ``generate``, no
+stop ids for MemGen), and MemGen inserts K latents after the prompt and at forced steps (every ``--every``
+tokens, up to ``--cap``), so an untrained weaver's odd output does not change what is measured. Variants are run
+alternately ``--repeats`` times and the median is reported; the machine is shared, so only ratios measured in
+the same run mean anything.
+
+    python benchmarks/bench_memgen_generation.py                    # SmolLM2-135M, batch 8 and 1, 256 tokens
+    python benchmarks/bench_memgen_generation.py --model tiny-random --tokens 64 --naive-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness.memgen.generation import memgen_generate  # noqa: E402
+from harness.memgen.options import MemGenOptions  # noqa: E402
+from harness.memgen.weaver import MemGenModel  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from tasks.registry import get_task  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--batches", default="8,1")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--every", type=int, default=40)
+    ap.add_argument("--cap", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--naive-tokens", type=int, default=256, help="0 skips the naive comparison")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model(args.model)
+    tok = lm.tokenizer
+    mm = MemGenModel(lm, MemGenOptions(k_prompt=args.k, k_infer=args.k, max_insertions=args.cap))
+    task = get_task("arith")
+    examples = task.load("test", limit=max(int(b) for b in args.batches.split(",")))
+    every_token = torch.ones(mm.lm_head.weight.shape[0], dtype=torch.bool)
+
+    def trigger(ctx):
+        return torch.full_like(ctx.candidates, ctx.step % args.every == 0)
+
+    print(f"model={args.model} tokens={args.tokens} K={args.k} insertions=prompt+{args.cap} every {args.every} "
+          f"threads={torch.get_num_threads()}")
+    for bs in (int(b) for b in args.batches.split(",")):
+        enc = tok([task.prompt(e, tok) for e in examples[:bs]], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+
+        def plain(enc=enc):
+            with torch.no_grad():
+                out = lm.model.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                        do_sample=False, pad_token_id=tok.pad_token_id)
+            assert out.shape[1] - enc.input_ids.shape[1] == args.tokens
+
+        def woven(enc=enc):
+            out = memgen_generate(mm, enc.input_ids, enc.attention_mask, args.tokens, trigger=trigger,
+                                  delimiters=every_token, eos_token_ids=[])
+            assert out.sequences.shape[1] == args.tokens
+            assert all(len(p) == 1 + min(args.cap, (args.tokens - 1) // args.every) for p in out.insertions)
+
+        plain()  # warm-up (allocations, lazy inits)
+        times: dict[str, list[float]] = {"plain": [], "memgen": []}
+        for _ in range(args.repeats):
+            times["plain"].append(timed(plain))
+            times["memgen"].append(timed(woven))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        per = {k: 1000 * v / (args.tokens * bs) for k, v in med.items()}
+        print(f"batch {bs}: plain {per['plain']:.2f} ms/position, memgen {per['memgen']:.2f} ms/position, "
+              f"ratio memgen/plain = {med['memgen'] / med['plain']:.3f}  (runs: "
+              + ", ".join(f"{k} {[round(x, 2) for x in v]}" for k, v in times.items()) + ")")
+
+    if args.naive_tokens:
+        from test_memgen_generation import naive_generate
+
+        n = args.naive_tokens
+        enc = tok([task.prompt(examples[0], tok)], return_tensors="pt", add_special_tokens=False)
+        prompt = enc.input_ids[0].tolist()
+
+        def cached():
+            memgen_generate(mm, enc.input_ids, enc.attention_mask, n, trigger=trigger, delimiters=every_token,
+                            eos_token_ids=[])
+
+        def naive():
+            tokens, _ = naive_generate(mm, prompt, n, lambda s: s % args.every == 0, every_token, args.cap, eos=[])
+            assert len(tokens) == n
+
+        t_cached = statistics.median(timed(cached) for _ in range(args.repeats))
+        t_naive = timed(naive)
+        print(f"batch 1, {n} tokens: cached {t_cached:.2f}s, naive re-compute {t_naive:.2f}s, "
+              f"speed-up naive/cached = {t_naive / t_cached:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

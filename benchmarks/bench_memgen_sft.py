@@ -1,0 +1,103 @@
+"""Weaver SFT step time and peak memory (SmolLM2-135M, batch 8), beside a LoRA SFT step on the same rows.
+
+MemGen steps (latents after the prompt and at up to 5 delimiters of the gold target, K=8) and plain LoRA SFT
+steps (the ``sft`` baseline's adapter: r=16 on q/k/v/o, loss on target tokens) are timed alternately on the same
+batches; the median of each is reported with their ratio. Peak memory: CUDA max allocated on a GPU; on CPU the
+process's peak resident set (ru_maxrss) after the MemGen steps, before the SFT model is built.
+
+    python benchmarks/bench_memgen_sft.py --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness.config import TrainConfig  # noqa: E402
+from harness.memgen.generation import delimiter_mask  # noqa: E402
+from harness.memgen.options import MemGenOptions  # noqa: E402
+from harness.memgen.sft import build_woven_batch, delimiter_points, sft_loss  # noqa: E402
+from harness.memgen.weaver import MemGenModel  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.training import lora_config, pad_right, tokenize_prompt_target  # noqa: E402
+from tasks.registry import get_task  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="arith")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    lm = load_model(args.model, device=args.device)
+    tok = lm.tokenizer
+    opts = MemGenOptions()
+    mm = MemGenModel(lm, opts)
+    is_delim = delimiter_mask(tok, opts.delimiters, mm.lm_head.weight.shape[0])
+    task = get_task(args.task)
+    rows = [tokenize_prompt_target(tok, task.prompt(e, tok), e.target, 512)
+            for e in task.load("train", limit=args.batch * (args.steps + 1))]
+    batches = [rows[i * args.batch : (i + 1) * args.batch] for i in range(args.steps + 1)]
+
+    def memgen_step(b) -> None:
+        prompts = [r["input_ids"][: r["prompt_len"]] for r in b]
+        targets = [r["input_ids"][r["prompt_len"] :] for r in b]
+        wb = build_woven_batch(prompts, targets, [delimiter_points(t, is_delim, opts.max_insertions) for t in targets],
+                               opts.k_prompt, opts.k_infer, tok.pad_token_id, args.device)
+        loss = sft_loss(mm, wb)
+        loss.backward()
+        opt_m.step()
+        opt_m.zero_grad(set_to_none=True)
+
+    opt_m = torch.optim.AdamW(mm.weaver_parameters(), lr=1e-4)
+    mm.peft.train()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    memgen_step(batches[0])  # warm-up; also the memory peak of a MemGen step, before the SFT model exists
+    memgen_step(batches[1])
+    if args.device.startswith("cuda"):
+        peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA max allocated"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB process peak RSS"
+
+    from peft import get_peft_model
+
+    sft_model = get_peft_model(load_model(args.model, device=args.device).model, lora_config(TrainConfig()))
+    sft_model.train()
+    opt_s = torch.optim.AdamW([p for p in sft_model.parameters() if p.requires_grad], lr=1e-4)
+
+    def sft_step(b) -> None:
+        enc = {k: v.to(args.device) for k, v in pad_right(b, tok.pad_token_id).items()}
+        sft_model(**enc).loss.backward()
+        opt_s.step()
+        opt_s.zero_grad(set_to_none=True)
+
+    sft_step(batches[0])
+    t_mem, t_sft = [], []
+    for b in batches[1:]:  # alternate, so both see the same load on this shared machine
+        for fn, out in ((memgen_step, t_mem), (sft_step, t_sft)):
+            t0 = time.perf_counter()
+            fn(b)
+            out.append(time.perf_counter() - t0)
+    n_lat = [len(delimiter_points(r["input_ids"][r["prompt_len"]:], is_delim, opts.max_insertions)) for r in rows]
+    print(f"memgen weaver SFT ({args.model}, batch {args.batch}, K={opts.k_prompt}, "
+          f"mean latent blocks/row {sum(n_lat) / len(n_lat):.1f}): median {statistics.median(t_mem):.2f} s/step "
+          f"{[round(t, 2) for t in t_mem]}; peak {peak}")
+    print(f"LoRA SFT step on the same rows: median {statistics.median(t_sft):.2f} s/step {[round(t, 2) for t in t_sft]}")
+    print(f"ratio memgen/sft step time = {statistics.median(t_mem) / statistics.median(t_sft):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Seconds per step of our REINFORCE++ vs TRL's GRPOTrainer, interleaved step by step, plus both reward curves.
+
+Both methods train their own copy of the same model on the same task with the same group size, prompts per step
+and completion budget. The REINFORCE++ step runs inside a callback at the end of every TRL step, so the two are
+timed under the same machine load (this machine is shared and noisy) and the ratio comes from one run.
+
+What one step contains: TRL GRPO (beta = 0) samples the group, scores it and does one forward/backward; our
+REINFORCE++ samples, scores, does a no-grad forward for the old log-probs, one for the reference (skipped with
+``--kl-coef 0``) and one forward/backward. Completions stop at EOS, so lengths differ: the mean lengths are printed
+beside the times, and seconds per generated token too.
+
+    python benchmarks/bench_rl.py --steps 16 --group 8 --lr 5e-4 --out runs/bench_rl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from baselines.grpo import GRPO
+from baselines.reinforce_pp import ReinforcePP, prompt_batches
+from harness.config import RunConfig, TrainConfig
+from harness.models import load_model
+from harness.seeding import derive_seed
+from tasks.registry import get_task
+
+
+class Interleave(TrainerCallback):
+    """Times each TRL step, then runs and times one REINFORCE++ step before TRL's next one."""
+
+    def __init__(self, rpp: ReinforcePP, task, examples, steps: int, budget: int, seed: int, memgen=None):
+        self.rpp, self.task, self.examples, self.budget = rpp, task, examples, budget
+        self.optimizer, self.scheduler = rpp.optimizer(steps)
+        import random
+
+        self.batches = prompt_batches(len(examples), rpp.opts.prompts_per_step, random.Random(seed))
+        self.memgen = memgen  # (MemGenModel, is_delim, WeaverGRPOSchedule, optimizer, scheduler, generator) or None
+        self.mg_seconds: list[float] = []
+        self.mg_stats: list[dict] = []
+        self.grpo_seconds: list[float] = []
+        self.grpo_logs: list[dict] = []
+        self.rpp_seconds: list[float] = []
+        self.rpp_stats: list[dict] = []
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.grpo_seconds.append(time.perf_counter() - self._t0)
+        batch = [self.examples[i] for i in next(self.batches)]
+        t0 = time.perf_counter()
+        stats = self.rpp.train_step(self.task, batch, self.optimizer, self.scheduler, self.budget)
+        self.rpp_seconds.append(time.perf_counter() - t0)
+        self.rpp_stats.append(stats)
+        print(f"step {len(self.rpp_seconds):3d}  reinforce++ {self.rpp_seconds[-1]:6.2f}s reward {stats['reward']:.3f} "
+              f"len {stats['length']:.1f}", flush=True)
+        if self.memgen is not None:
+            from harness.memgen.grpo import weaver_grpo_step
+
+            mm, is_delim, sch, opt, sched, gen = self.memgen
+            tok = mm.tokenizer
+            ids = [tok(self.task.prompt(e, tok), add_special_tokens=False).input_ids for e in batch]
+            t0 = time.perf_counter()
+            st = weaver_grpo_step(mm, self.task, batch, ids, is_delim, sch, opt, sched, gen)
+            self.mg_seconds.append(time.perf_counter() - t0)
+            self.mg_stats.append(st)
+            print(f"step {len(self.mg_seconds):3d}  memgen grpo {self.mg_seconds[-1]:6.2f}s reward {st['reward']:.3f} "
+                  f"len {st['length']:.1f} insertions {st['insertions']:.1f}", flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.grpo_logs.append(dict(logs))
+            print(f"step {len(self.grpo_logs):3d}  trl grpo    {self.grpo_seconds[-1]:6.2f}s reward "
+                  f"{float(logs['reward']):.3f} len {float(logs['completions/mean_length']):.1f}", flush=True)
+
+
+def halves(xs: list[float]) -> tuple[float, float]:
+    h = len(xs) // 2
+    return statistics.fmean(xs[:h]), statistics.fmean(xs[h:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="choice")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=1, help="prompts per step")
+    ap.add_argument("--max-completion", type=int, default=0, help="0 = the task's budget")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--kl-coef", type=float, default=0.01, help="REINFORCE++ KL coefficient (GRPO runs beta 0)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memgen", action="store_true", help="also time MemGen weaver GRPO (untrained weaver)")
+    ap.add_argument("--out", type=Path, default=None, help="write the per-step figures as JSON here")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    task = get_task(a.task)
+    budget = a.max_completion or task.max_new_tokens
+    cfg = RunConfig(model=a.model, seed=a.seed,
+                    train=TrainConfig(max_steps=a.steps, lr=a.lr, warmup_ratio=0.0, scheduler="constant"))
+    examples = task.load("train", limit=max(64, a.steps * a.prompts), seed=a.seed)
+    grpo = GRPO(load_model(a.model), cfg, {"num_generations": a.group, "prompts_per_step": a.prompts,
+                                           "max_completion_length": budget})
+    rpp = ReinforcePP(load_model(a.model), cfg, {"samples_per_prompt": a.group, "prompts_per_step": a.prompts,
+                                                 "max_completion_length": budget, "kl_coef": a.kl_coef})
+    memgen = None
+    if a.memgen:
+        from harness.memgen.generation import delimiter_mask
+        from harness.memgen.grpo import WeaverGRPOSchedule, weaver_optimizer
+        from harness.memgen.options import MemGenOptions
+        from harness.memgen.weaver import MemGenModel
+
+        mm = MemGenModel(load_model(a.model), MemGenOptions())
+        sch = WeaverGRPOSchedule(steps=a.steps, prompts_per_step=a.prompts, group=a.group, lr=a.lr, warmup_ratio=0.0,
+                                 scheduler="constant", max_grad_norm=1.0, weight_decay=0.0, seed=a.seed,
+                                 max_new_tokens=budget)
+        opt, sched = weaver_optimizer(mm, sch)
+        is_delim = delimiter_mask(mm.tokenizer, mm.opts.delimiters, mm.lm_head.weight.shape[0])
+        memgen = (mm, is_delim, sch, opt, sched, torch.Generator().manual_seed(a.seed))
+    hook = Interleave(rpp, task, examples, a.steps, budget, derive_seed(a.seed, "bench-rpp"), memgen)
+    grpo.callbacks.append(hook)
+    grpo.train_on_task(task, examples, stage=1)
+
+    g_sec, r_sec = hook.grpo_seconds, hook.rpp_seconds
+    g_rew = [float(x["reward"]) for x in hook.grpo_logs]
+    r_rew = [s["reward"] for s in hook.rpp_stats]
+    g_len = statistics.fmean(float(x["completions/mean_length"]) for x in hook.grpo_logs)
+    r_len = statistics.fmean(s["length"] for s in hook.rpp_stats)
+    # the first step of each includes one-off warm-up (allocations, TRL set-up): report the median and the mean
+    # of steps 2.. so it does not dominate
+    g_mean, r_mean = statistics.fmean(g_sec[1:]), statistics.fmean(r_sec[1:])
+    n_tok = a.group * a.prompts
+    print(f"\nmodel {a.model}, task {a.task}, group {a.group} x {a.prompts} prompt(s), budget {budget} tokens, "
+          f"{a.steps} steps, lr {a.lr}, threads {torch.get_num_threads()}")
+    print(f"TRL GRPOTrainer : {g_mean:6.2f} s/step (median {statistics.median(g_sec):.2f}), mean length "
+          f"{g_len:.1f}, {g_mean / (g_len * n_tok):.4f} s per generated token")
+    print(f"our REINFORCE++ : {r_mean:6.2f} s/step (median {statistics.median(r_sec):.2f}), mean length "
+          f"{r_len:.1f}, {r_mean / (r_len * n_tok):.4f} s per generated token")
+    if hook.mg_seconds:
+        m_mean = statistics.fmean(hook.mg_seconds[1:] or hook.mg_seconds)
+        m_len = statistics.fmean(s["length"] for s in hook.mg_stats)
+        print(f"MemGen weaver GRPO: {m_mean:6.2f} s/step (median {statistics.median(hook.mg_seconds):.2f}), mean "
+              f"length {m_len:.1f}, {m_mean / (m_len * n_tok):.4f} s per generated token; ratio to TRL GRPO "
+              f"{m_mean / g_mean:.2f} per step, {(m_mean / m_len) / (g_mean / g_len):.2f} per generated token")
+    trl_own = [float(x["step_time"]) for x in hook.grpo_logs if "step_time" in x]
+    if trl_own:
+        print(f"(TRL's own step_time log, steps 2..: {statistics.fmean(trl_own[1:] or trl_own):.2f} s/step)")
+    print(f"ratio REINFORCE++ / TRL GRPO: {r_mean / g_mean:.2f} per step, "
+          f"{(r_mean / r_len) / (g_mean / g_len):.2f} per generated token")
+    gh, rh = halves(g_rew), halves(r_rew)
+    print(f"mean reward, first half -> second half: GRPO {gh[0]:.3f} -> {gh[1]:.3f}; "
+          f"REINFORCE++ {rh[0]:.3f} -> {rh[1]:.3f}")
+    print("GRPO rewards       :", " ".join(f"{x:.2f}" for x in g_rew))
+    print("REINFORCE++ rewards:", " ".join(f"{x:.2f}" for x in r_rew))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "grpo_seconds": g_sec,
+                                     "rpp_seconds": r_sec, "grpo_rewards": g_rew, "rpp_rewards": r_rew,
+                                     "grpo_logs": hook.grpo_logs, "rpp_stats": hook.rpp_stats,
+                                     "memgen_seconds": hook.mg_seconds, "memgen_stats": hook.mg_stats}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

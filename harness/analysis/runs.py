@@ -1,0 +1,112 @@
+"""Loading finished run directories (layout in ``harness.store``) into arrays for the analysis.
+
+Per-sample scores come from ``samples/r{row}_{task}.jsonl``. Every row of a column evaluates the same test
+examples, so scores are aligned by example id across rows: that pairing is what makes the bootstrap over
+evaluation samples respect the correlation between, say, a task's accuracy right after learning it and at the end.
+A cell copied from row 0 (a method that never trains) reuses row 0's samples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.report import find_runs
+from harness.store import read_json
+
+# Optional per-sample keys a method may record for its trigger (MemGen): decisions to insert latents and the
+# delimiter positions at which the trigger was queried. The insertion-rate plot appears only when they exist.
+TRIGGER_KEYS = ("trigger_inserted", "trigger_queried")
+
+
+@dataclass
+class RunData:
+    """One method's finished run over one task order and one seed."""
+
+    path: Path
+    method: str
+    model: str
+    seed: int
+    tasks: list[str]
+    R: np.ndarray  # (T+1, T) percent
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (T+1, n) per-sample scores in [0, 1]
+    trigger: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (T+1,) insertion rate; NaN if none
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def order(self) -> str:
+        return "->".join(self.tasks)
+
+    def n_samples(self, task: str) -> int:
+        s = self.scores.get(task)
+        return int(s.shape[1]) if s is not None else 0
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _cell_samples(run: Path, row: int, task: str) -> list[dict[str, Any]] | None:
+    p = run / "samples" / f"r{row}_{task}.jsonl"
+    if p.exists():
+        return _read_jsonl(p)
+    cell = run / "cells" / f"r{row}_{task}.json"
+    if cell.exists():
+        src = read_json(cell).get("copied_from_row")
+        if src is not None and src != row:
+            return _cell_samples(run, int(src), task)
+    return None
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a complete run; a clear error names the run when it is unfinished."""
+    run = Path(path)
+    s = read_json(run / "summary.json")
+    if not s.get("complete"):
+        raise ValueError(f"run {run} is not complete (some matrix cells are missing); finish it with "
+                         f"`memgen-bench run` using the same --out, or leave it out of the report")
+    tasks = list(s["tasks"])
+    R = np.asarray(s["matrix"], dtype=float)  # (T+1, T)
+    data = RunData(path=run, method=s.get("method", run.name), model=s.get("model", "?"), seed=int(s.get("seed", 0)),
+                   tasks=tasks, R=R, config=read_json(run / "config.json") if (run / "config.json").exists() else {})
+    for j, task in enumerate(tasks):
+        rows = [_cell_samples(run, i, task) for i in range(len(tasks) + 1)]
+        if any(r is None for r in rows):
+            continue  # no per-sample scores: only the across-run bootstrap applies to this task
+        ids = [r["id"] for r in rows[0]]
+        table = np.full((len(rows), len(ids)), np.nan)  # (T+1, n)
+        rate = np.full(len(rows), np.nan)  # (T+1,)
+        for i, samples in enumerate(rows):
+            by_id = {r["id"]: r for r in samples}
+            if set(by_id) != set(ids):
+                raise ValueError(f"run {run}: row {i} of task {task} evaluated different examples than row 0")
+            table[i] = [float(by_id[k]["score"]) for k in ids]
+            ins = [r.get(TRIGGER_KEYS[0]) for r in samples]
+            qry = [r.get(TRIGGER_KEYS[1]) for r in samples]
+            if all(v is not None for v in ins + qry) and sum(qry) > 0:
+                rate[i] = 100.0 * sum(ins) / sum(qry)
+        # The stored cell accuracy is the mean score; disagreement means the samples file is stale.
+        if not np.allclose(100.0 * table.mean(axis=1), R[:, j], atol=1e-3):
+            raise ValueError(f"run {run}: per-sample scores of task {task} do not match matrix.csv; re-run the cells")
+        data.scores[task] = table
+        if not np.isnan(rate).all():
+            data.trigger[task] = rate
+    return data
+
+
+def load_runs(paths: list[str | Path], skipped: list[Path] | None = None) -> list[RunData]:
+    """Every run at or anywhere below the given paths (run dirs, output roots, sweep roots). With a ``skipped``
+    list, unfinished runs are left out and appended to it instead of raising."""
+    out = []
+    for f in find_runs(paths):
+        if skipped is not None and not read_json(f / "summary.json").get("complete"):
+            skipped.append(f)
+            continue
+        out.append(load_run(f))
+    if not out:
+        raise FileNotFoundError(f"no complete runs under {', '.join(map(str, paths))}")
+    return out

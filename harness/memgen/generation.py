@@ -1,0 +1,162 @@
+"""MemGen decoding: latents after the prompt and at delimiters, one reasoner KV cache kept throughout.
+
+Per decoding step every row advances one token. When some rows end a step on a delimiter token and the trigger
+says yes, the weaver turns the states added since its last call into K latents, and one extra reasoner chunk of
+K slots is fed: the inserting rows get their latents, the other rows get masked slots that neither shift their
+positions nor enter their attention, so their output is what it would have been. Logits are computed for the
+last position only (no full-vocabulary logits thrown away). Rows stop at EOS; the loop stops when all have.
+
+We write the loop instead of using ``model.generate`` because generate cannot feed extra embeddings to some
+rows mid-decoding; ``tests/test_memgen_generation.py`` checks that with insertion off it is token-for-token
+``model.generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from harness.generation import stop_token_ids
+from harness.memgen.weaver import MemGenModel, WovenState
+
+
+@dataclass(frozen=True)
+class TriggerContext:
+    """What a trigger sees when asked whether rows insert latents now."""
+
+    step: int
+    """Tokens generated so far (the candidate token included)."""
+    tokens: torch.Tensor
+    """(B, step) generated token ids."""
+    candidates: torch.Tensor
+    """(B,) bool: rows whose last token ends with a delimiter, unfinished and under the insertion cap."""
+    hidden: torch.Tensor
+    """(B, d_r) the reasoner's last-layer state at the candidate token."""
+    insertions: torch.Tensor
+    """(B,) inference insertions each row has had so far."""
+
+
+Trigger = Callable[[TriggerContext], torch.Tensor]
+"""Returns a (B,) bool tensor: which rows insert now (only ``candidates`` are honoured)."""
+
+
+def always_insert(ctx: TriggerContext) -> torch.Tensor:
+    """The default trigger: every candidate row inserts (the cap is applied before the trigger is asked)."""
+    return ctx.candidates
+
+
+@dataclass
+class MemGenOutput:
+    sequences: torch.Tensor
+    """(B, T_new) generated ids; after a row's EOS the rest is padding (as ``model.generate``)."""
+    insertions: list[list[int]]
+    """Per row, the number of generated tokens before each latent block (0 = the prompt insertion)."""
+
+
+def delimiter_mask(tokenizer: PreTrainedTokenizerBase, delimiters: Iterable[str], vocab: int) -> torch.Tensor:
+    """(V,) bool: token ids whose text ends with one of ``delimiters``.
+
+    Decoding the whole vocabulary takes seconds, so the result is cached per (tokenizer name, size, delimiters):
+    every step then tests the new tokens with one lookup instead of decoding text.
+    """
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
+    if not key[0]:  # unnamed tokenizer: do not share the cache entry
+        key = (str(id(tokenizer)), *key[1:])
+    _TOKENIZERS.setdefault(key, tokenizer)
+    return _delimiter_mask(key, tuple(delimiters), vocab).clone()
+
+
+_TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}
+
+
+@lru_cache(maxsize=16)
+def _delimiter_mask(key: tuple, delimiters: tuple[str, ...], vocab: int) -> torch.Tensor:
+    tokenizer = _TOKENIZERS[key]
+    n = min(vocab, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    out = torch.zeros(vocab, dtype=torch.bool)
+    out[:n] = torch.tensor([t.endswith(delimiters) for t in texts])
+    return out
+
+
+@torch.no_grad()
+def memgen_generate(
+    mm: MemGenModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    insert: bool = True,
+    trigger: Trigger = always_insert,
+    delimiters: torch.Tensor | None = None,
+    max_insertions: int | None = None,
+    temperature: float = 0.0,
+    min_new_tokens: int = 0,
+    eos_token_ids: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> MemGenOutput:
+    """Generate for a left-padded batch ``input_ids``/``attention_mask`` (B, T) with latents woven in.
+
+    ``insert=False`` is plain decoding by the frozen reasoner. ``delimiters`` is a (V,) bool mask of candidate
+    tokens (default: from ``mm.opts.delimiters``); ``temperature`` 0 is greedy, else softmax sampling.
+    """
+    tok = mm.tokenizer
+    B = input_ids.shape[0]
+    device = input_ids.device
+    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else stop_token_ids(tok)), device=device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
+    vocab = mm.lm_head.weight.shape[0]
+    is_delim = (delimiters if delimiters is not None else delimiter_mask(tok, mm.opts.delimiters, vocab)).to(device)
+    cap = mm.opts.max_insertions if max_insertions is None else max_insertions
+    k_infer = mm.opts.k_infer
+
+    state = WovenState(mm)
+    points: list[list[int]] = [[] for _ in range(B)]
+    n_ins = torch.zeros(B, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    with mm.reasoner_mode():
+        last = state.feed(mm.embed(input_ids), attention_mask)[:, -1]  # (B, d_r)
+        if insert:
+            lat = state.weave("prompt")  # (B, K_p, d_r)
+            last = state.feed(lat, attention_mask.new_ones(lat.shape[:2]))[:, -1]
+            for row in points:
+                row.append(0)
+        for step in range(max_new_tokens):
+            logits = mm.lm_head(last).float()  # (B, V)
+            if step < min_new_tokens:
+                logits[:, eos] = float("-inf")
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            else:
+                nxt = logits.argmax(-1)  # (B,)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            finished = finished | torch.isin(nxt, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            # Finished rows keep feeding padding with mask 1, exactly as ``model.generate`` does.
+            last = state.feed(mm.embed(nxt[:, None]), attention_mask.new_ones((B, 1)))[:, -1]
+            if not insert or cap <= 0:
+                continue
+            cand = is_delim[nxt] & ~finished & (n_ins < cap)  # (B,)
+            if not bool(cand.any()):
+                continue
+            ctx = TriggerContext(step=step + 1, tokens=torch.stack(tokens, 1), candidates=cand, hidden=last,
+                                 insertions=n_ins.clone())
+            do = trigger(ctx).to(device=device, dtype=torch.bool) & cand  # (B,)
+            if not bool(do.any()):
+                continue
+            lat = state.weave("infer")  # (B, K_i, d_r)
+            h = state.feed(lat, do[:, None].expand(B, k_infer))  # (B, K_i, d_r)
+            last = torch.where(do[:, None], h[:, -1], last)
+            n_ins = n_ins + do.long()
+            for b in do.nonzero().flatten().tolist():
+                points[b].append(step + 1)
+    seqs = torch.stack(tokens, 1) if tokens else input_ids.new_zeros((B, 0))  # (B, T_new)
+    return MemGenOutput(sequences=seqs, insertions=points)

@@ -1,0 +1,223 @@
+"""MemGen weaver GRPO: rollouts with latents woven in, log-probs re-woven at the recorded points, weaver-only updates.
+
+One step: each prompt is repeated ``group`` times and decoded by ``memgen_generate`` at ``temperature`` (latents
+after the prompt and at delimiters, the insertion points recorded per row); the task's scorer gives the rewards;
+``harness.rl.group_advantages`` normalises them per group ((r - mean) / (std + 1e-4)); the completions are laid out
+again with the latents re-woven at exactly the recorded points (``build_woven_batch``) and their log-probs
+recomputed with gradients. The reasoner is frozen, so the gradient reaches only the weaver (LoRA, queries, heads).
+
+As in the MemGen public code: beta = 0 (no KL, no reference), one gradient step per batch (the PPO ratio is 1, so
+the loss is the plain policy gradient -A * log p), group 8. Differences: the public code re-weaves at the
+first-N-delimiter rule, which can differ from where the rollout inserted; we re-weave at the recorded points, so
+the log-probs are those of the policy that sampled. Loss aggregation defaults to the per-sequence mean (GRPO).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from harness import rl
+from harness.config import RunConfig
+from harness.generation import stop_token_ids
+from harness.memgen.generation import memgen_generate
+from harness.memgen.sft import WovenBatch, build_woven_batch, woven_logprobs
+from harness.memgen.weaver import MemGenModel
+from harness.training import NonFiniteLossError
+from tasks.base import Example, Task
+
+
+@dataclass(frozen=True)
+class WeaverGRPOSchedule:
+    """One task's weaver GRPO run."""
+
+    steps: int
+    """Optimizer steps (one rollout batch each)."""
+    prompts_per_step: int
+    """Prompts per step; the batch is prompts_per_step * group rollouts."""
+    group: int
+    """Rollouts per prompt (the paper and public code: 8)."""
+    lr: float
+    """Peak learning rate of AdamW."""
+    warmup_ratio: float
+    """Linear warm-up fraction of the steps."""
+    scheduler: str
+    """transformers schedule name (cosine, linear, constant)."""
+    max_grad_norm: float
+    """Gradient clipping."""
+    weight_decay: float
+    """AdamW weight decay."""
+    seed: int
+    """Seeds prompt order and rollout sampling."""
+    max_new_tokens: int
+    """Completion budget of each rollout."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (the public code: 1.0)."""
+    scale: str = "group"
+    """Advantage scaling: group, batch or none (``harness.rl.group_advantages``)."""
+    aggregation: str = "sequence"
+    """Loss aggregation: sequence (GRPO), token or constant (``harness.rl.policy_loss``)."""
+
+
+def schedule_from_config(cfg: RunConfig, seed: int, n_examples: int, max_new_tokens: int, group: int = 8,
+                         prompts_per_step: int = 1, lr: float | None = None) -> WeaverGRPOSchedule:
+    """The schedule the ``memgen`` method would use: steps, lr and schedule from ``train.*`` like its SFT stage."""
+    t = cfg.train
+    steps = t.max_steps or max(1, round(t.epochs * n_examples / prompts_per_step))
+    return WeaverGRPOSchedule(steps=steps, prompts_per_step=prompts_per_step, group=group, lr=lr or t.lr,
+                              warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, max_grad_norm=t.max_grad_norm,
+                              weight_decay=t.weight_decay, seed=seed, max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class WeaverRollouts:
+    prompts: list[list[int]]  # per rollout, the prompt ids (unpadded)
+    completions: list[list[int]]  # generated ids up to and including the first stop token
+    points: list[list[int]]  # insertion points: generated tokens before each latent block (0 = prompt insertion)
+    texts: list[str]
+
+
+def sample_rollouts(
+    mm: MemGenModel,
+    prompt_ids: Sequence[Sequence[int]],
+    group: int,
+    max_new_tokens: int,
+    is_delim: torch.Tensor,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> WeaverRollouts:
+    """``group`` sampled MemGen completions per prompt (rows of one prompt contiguous), insertion points kept."""
+    tok = mm.tokenizer
+    rows = [list(p) for p in prompt_ids for _ in range(group)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)  # (B, P) left-padded
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, P)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    device = mm.embed.weight.device
+    stops = stop_token_ids(tok)
+    mm.peft.eval()
+    out = memgen_generate(mm, ids.to(device), mask.to(device), max_new_tokens, insert=True, delimiters=is_delim,
+                          temperature=temperature, eos_token_ids=stops, generator=generator)
+    completions, points = [], []
+    for b in range(len(rows)):
+        seq = out.sequences[b].tolist()
+        end = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
+        completions.append(seq[:end])
+        points.append([p for p in out.insertions[b] if p < end] or [0])
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    return WeaverRollouts(rows, completions, points, texts)
+
+
+def token_grid(batch: WovenBatch, points: Sequence[Sequence[int]], flat: torch.Tensor, width: int):
+    """Place ``woven_logprobs``' flat (N,) values (order: round, then row, then position) into (B, width).
+
+    Returns the grid and its 0/1 mask; position t of row b is completion token t of that row."""
+    B = batch.prompt_ids.shape[0]
+    starts = torch.zeros((B, len(batch.rounds)), dtype=torch.long, device=flat.device)  # (B, R)
+    for b, p in enumerate(points):
+        starts[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+    rows, cols = [], []
+    for r, rnd in enumerate(batch.rounds):
+        nz = rnd.mask.nonzero()  # (n_r, 2) row-major, the order boolean indexing uses in woven_forward
+        rows.append(nz[:, 0])
+        cols.append(starts[nz[:, 0], r] + nz[:, 1])
+    row, col = torch.cat(rows), torch.cat(cols)
+    grid = torch.zeros((B, width), dtype=flat.dtype, device=flat.device).index_put((row, col), flat)  # (B, T)
+    mask = torch.zeros((B, width), dtype=torch.long, device=flat.device).index_put(
+        (row, col), torch.ones_like(row))  # (B, T)
+    return grid, mask
+
+
+def weaver_policy_loss(
+    mm: MemGenModel, ro: WeaverRollouts, advantages: torch.Tensor, aggregation: str = "sequence"
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy-gradient loss of the rollouts with the latents re-woven at their recorded points. Scalar."""
+    device = mm.embed.weight.device
+    batch = build_woven_batch(ro.prompts, ro.completions, ro.points, mm.opts.k_prompt, mm.opts.k_infer,
+                              mm.tokenizer.pad_token_id, device)
+    flat = woven_logprobs(mm, batch)  # (N,)
+    width = max(len(c) for c in ro.completions)
+    logp, mask = token_grid(batch, ro.points, flat, width)  # (B, T)
+    # One gradient step per batch: old log-probs are these log-probs detached, so the ratio is exactly 1.
+    return rl.policy_loss(logp, logp.detach(), advantages.to(device), mask, aggregation=aggregation,  # type: ignore[arg-type]
+                          max_len=width)
+
+
+def weaver_optimizer(mm: MemGenModel, sch: WeaverGRPOSchedule) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the weaver's parameters and the schedule of ``sch``."""
+    opt = torch.optim.AdamW(mm.weaver_parameters(), lr=sch.lr, weight_decay=sch.weight_decay)
+    return opt, get_scheduler(sch.scheduler, opt, num_warmup_steps=int(math.ceil(sch.warmup_ratio * sch.steps)),
+                              num_training_steps=sch.steps)
+
+
+def weaver_grpo_step(
+    mm: MemGenModel,
+    task: Task,
+    batch: Sequence[Example],
+    prompt_ids: Sequence[Sequence[int]],
+    is_delim: torch.Tensor,
+    sch: WeaverGRPOSchedule,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator | None = None,
+    label: str = "memgen weaver grpo",
+) -> dict[str, float]:
+    """Roll out ``group`` completions per prompt, score, normalise per group and take one weaver step."""
+    ro = sample_rollouts(mm, prompt_ids, sch.group, sch.max_new_tokens, is_delim, sch.temperature, generator)
+    rewards = torch.tensor([float(task.score(t, batch[b // sch.group])) for b, t in enumerate(ro.texts)])  # (B,)
+    adv = rl.group_advantages(rewards, sch.group, sch.scale)  # type: ignore[arg-type]
+    mm.peft.train()
+    try:
+        loss, _ = weaver_policy_loss(mm, ro, adv, sch.aggregation)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"{label}: loss became {loss.item()}; lower the lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mm.weaver_parameters(), sch.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    finally:
+        mm.peft.eval()
+    return {"loss": loss.item(), "reward": float(rewards.mean()),
+            "insertions": sum(len(p) - 1 for p in ro.points) / len(ro.points),
+            "length": sum(len(c) for c in ro.completions) / len(ro.completions)}
+
+
+def train_weaver_grpo(
+    mm: MemGenModel,
+    task: Task,
+    examples: Sequence[Example],
+    is_delim: torch.Tensor,
+    sch: WeaverGRPOSchedule,
+    label: str = "memgen weaver grpo",
+) -> dict[str, Any]:
+    """Weaver GRPO on ``task``'s scorer; returns the loss and mean-reward curves, insertion counts and timing."""
+    tok = mm.tokenizer
+    opt, lr_sched = weaver_optimizer(mm, sch)
+    prompts = [tok(task.prompt(e, tok), add_special_tokens=False).input_ids for e in examples]
+    rng = random.Random(sch.seed)
+    gen = torch.Generator(device=mm.embed.weight.device).manual_seed(sch.seed)
+    order: list[int] = []
+    stats: dict[str, list[float]] = {"losses": [], "rewards": [], "insertions": []}
+    t0 = time.perf_counter()
+    for _ in range(sch.steps):
+        if len(order) < sch.prompts_per_step:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[: sch.prompts_per_step], order[sch.prompts_per_step :]
+        st = weaver_grpo_step(mm, task, [examples[i] for i in idx], [prompts[i] for i in idx], is_delim, sch, opt,
+                              lr_sched, gen, label)
+        stats["losses"].append(st["loss"])
+        stats["rewards"].append(st["reward"])
+        stats["insertions"].append(st["insertions"])
+    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats}

@@ -1,0 +1,181 @@
+"""Teacher-forced weaving and weaver SFT.
+
+``woven_forward`` replays a batch of prompt + completion pairs with latent blocks at given insertion points
+(the points ``memgen_generate`` returns, or delimiter positions of gold targets) and returns, for every
+completion token, the reasoner state that predicts it. It runs the same cached chunk machinery as generation,
+one chunk per insertion round for the whole batch: round r feeds every row's latent block r-1 followed by its
+r-th completion segment (right-padded, masked), then the weaver produces block r from what it has not read yet.
+The state predicting the first token after a latent block is the block's last latent; logits whose next slot is
+a latent are never computed. Greedy generation and this replay give the same logits (tested), which is what
+weaver RL needs to recompute log-probs.
+
+``train_weaver`` is weaver SFT: cross-entropy on target tokens only, gradients reach the weaver (LoRA, heads)
+through the frozen reasoner. A short explicit loop instead of ``transformers.Trainer``: Trainer assumes one
+forward over a flat tensor batch, while a woven forward is several cached chunks built from ragged rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+from harness.memgen.weaver import MemGenModel, WovenState
+from harness.training import IGNORE_INDEX, NonFiniteLossError
+
+
+@dataclass
+class WovenRound:
+    slot_mask: torch.Tensor  # (B, K) 1 where the row receives latent block r-1
+    ids: torch.Tensor  # (B, S) completion segment r, right-padded with pad ids
+    mask: torch.Tensor  # (B, S)
+
+
+@dataclass
+class WovenBatch:
+    prompt_ids: torch.Tensor  # (B, Lp) left-padded
+    prompt_mask: torch.Tensor  # (B, Lp)
+    rounds: list[WovenRound]
+
+
+def delimiter_points(target: Sequence[int], is_delim: torch.Tensor, n: int) -> list[int]:
+    """Insertion points inside ``target``: after each of the first ``n`` delimiter tokens that is not the last
+    token, as counts of target tokens before the latent block; 0 (the prompt insertion) first."""
+    points = [0]
+    for i, t in enumerate(target[:-1]):
+        if len(points) > n:
+            break
+        if bool(is_delim[t]):
+            points.append(i + 1)
+    return points
+
+
+def build_woven_batch(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    points: Sequence[Sequence[int]],
+    k_prompt: int,
+    k_infer: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> WovenBatch:
+    """Lay out rows for ``woven_forward``; ``points[b]`` starts with 0 and is increasing."""
+    B = len(prompts)
+    for b, p in enumerate(points):
+        if not p or p[0] != 0 or any(x >= y for x, y in zip(p, p[1:], strict=False)) or p[-1] > len(completions[b]):
+            raise ValueError(f"insertion points of row {b} must start at 0, increase and stay within the completion; "
+                             f"got {list(p)} for {len(completions[b])} tokens")
+    lp = max(len(p) for p in prompts)
+    prompt_ids = torch.full((B, lp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((B, lp), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        prompt_ids[b, lp - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        prompt_mask[b, lp - len(p):] = 1
+    segs = [[list(c[s:e]) for s, e in zip(p, [*p[1:], len(c)], strict=True)] for c, p in zip(completions, points,
+                                                                                             strict=True)]
+    rounds = []
+    for r in range(max(len(s) for s in segs)):
+        width = max((len(s[r]) for s in segs if r < len(s)), default=0)
+        ids = torch.full((B, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        slot = torch.zeros((B, k_prompt if r == 0 else k_infer), dtype=torch.long)
+        for b, s in enumerate(segs):
+            if r < len(s):
+                slot[b] = 1
+                ids[b, : len(s[r])] = torch.tensor(s[r], dtype=torch.long)
+                mask[b, : len(s[r])] = 1
+        rounds.append(WovenRound(slot_mask=slot.to(device), ids=ids.to(device), mask=mask.to(device)))
+    return WovenBatch(prompt_ids.to(device), prompt_mask.to(device), rounds)
+
+
+def woven_forward(mm: MemGenModel, batch: WovenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicting states (N, d_r) and their target ids (N,) for every completion token of the batch."""
+    state = WovenState(mm)
+    preds, labels = [], []
+    with mm.reasoner_mode():
+        state.feed(mm.embed(batch.prompt_ids), batch.prompt_mask)
+        lat = state.weave("prompt")  # (B, K_p, d_r)
+        for r, rnd in enumerate(batch.rounds):
+            K = lat.shape[1]
+            h = state.feed(torch.cat([lat, mm.embed(rnd.ids)], dim=1), torch.cat([rnd.slot_mask, rnd.mask], dim=1))
+            S = rnd.ids.shape[1]
+            pred = h[:, K - 1 : K - 1 + S]  # (B, S, d_r): state before each segment token
+            keep = rnd.mask.bool()
+            preds.append(pred[keep])
+            labels.append(rnd.ids[keep])
+            if r + 1 < len(batch.rounds):
+                lat = state.weave("infer")  # (B, K_i, d_r); rows without a next round get masked slots
+    return torch.cat(preds), torch.cat(labels)
+
+
+def woven_logprobs(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
+    """log p(token) (N,) of every completion token under the woven reasoner (order: round, then row)."""
+    h, y = woven_forward(mm, batch)
+    return torch.log_softmax(mm.lm_head(h).float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+
+
+def sft_loss(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
+    h, y = woven_forward(mm, batch)
+    return F.cross_entropy(mm.lm_head(h).float(), y, ignore_index=IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class SFTSchedule:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_ratio: float
+    scheduler: str
+    max_grad_norm: float
+    weight_decay: float
+    seed: int
+
+
+def train_weaver(
+    mm: MemGenModel,
+    rows: Sequence[tuple[list[int], list[int]]],
+    is_delim: torch.Tensor,
+    n_points: int,
+    sch: SFTSchedule,
+    label: str = "memgen weaver sft",
+) -> dict[str, Any]:
+    """Weaver SFT on (prompt ids, target ids incl. EOS) rows; returns the loss curve and timing."""
+    params = mm.weaver_parameters()
+    opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=sch.weight_decay)
+    lr_sched = get_scheduler(sch.scheduler, opt, num_warmup_steps=int(math.ceil(sch.warmup_ratio * sch.steps)),
+                             num_training_steps=sch.steps)
+    rng = random.Random(sch.seed)
+    order: list[int] = []
+    device = mm.embed.weight.device
+    points = [delimiter_points(t, is_delim, n_points) for _, t in rows]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    mm.peft.train()
+    try:
+        for step in range(sch.steps):
+            if len(order) < sch.batch_size:
+                more = list(range(len(rows)))
+                rng.shuffle(more)
+                order += more
+            idx, order = order[: sch.batch_size], order[sch.batch_size :]
+            batch = build_woven_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx], [points[i] for i in idx],
+                                      mm.opts.k_prompt, mm.opts.k_infer, mm.tokenizer.pad_token_id, device)
+            loss = sft_loss(mm, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{label}: loss became {loss.item()} at step {step}; lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
+            opt.step()
+            lr_sched.step()
+            losses.append(loss.item())
+    finally:
+        mm.peft.eval()
+    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, "losses": losses}

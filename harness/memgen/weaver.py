@@ -1,0 +1,222 @@
+"""The memory weaver and the woven sequence state shared by generation and training.
+
+``MemGenModel`` holds a frozen reasoner and a weaver. The weaver is a LoRA'd LM: by default the reasoner's own
+base model with a peft adapter (reasoner forwards run with the adapter switched off, so the reasoner is the
+frozen base bit for bit and no second copy of the weights exists), or a separate model whose hidden size may
+differ. Around it sit ``WeaverHeads``: the input projection (reasoner -> weaver), the output projection
+(weaver -> reasoner embedding space) and two sets of K learned queries (prompt / in-decoding), each with a
+LayerNorm and a learned scalar scale.
+
+``WovenState`` is one batch of reasoner sequences with latents woven in. The reasoner keeps one KV cache; a
+chunk fed to it may mask some rows out entirely (attention mask 0, position ids not advanced), which is how only
+the rows that insert receive latents while the others are left exactly as they were. The weaver keeps its own KV
+cache aligned slot for slot with the reasoner's: at an insertion it reads only the states added since the last
+insertion plus the K queries, and the query positions are cropped from its cache afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from harness.memgen.options import MemGenOptions
+from harness.models import LoadedModel
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The transformer stack without the LM head (``LlamaModel`` inside ``LlamaForCausalLM``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+
+def _final_norm_rms(model: nn.Module) -> float:
+    """Typical per-dimension size of the last-layer states (= RMS of the final RMSNorm weight), 1.0 if unknown."""
+    norm = getattr(_decoder(model), "norm", None)
+    w = getattr(norm, "weight", None)
+    return float(w.detach().float().pow(2).mean().sqrt()) if w is not None else 1.0
+
+
+def _embedding_rms(model: nn.Module) -> float:
+    return float(model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+
+
+class QueryBlock(nn.Module):
+    """K learned query vectors fed to the weaver after its input: ``scale * LayerNorm(queries)``."""
+
+    def __init__(self, k: int, width: int, init_scale: float):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(k, width))
+        self.norm = nn.LayerNorm(width)
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return (self.scale * self.norm(self.queries)).unsqueeze(0).expand(batch, -1, -1)  # (B, K, d_w)
+
+
+class WeaverHeads(nn.Module):
+    """Everything the weaver learns besides its LoRA adapter."""
+
+    def __init__(self, d_reasoner: int, d_weaver: int, k_prompt: int, k_infer: int, scales: dict[str, float]):
+        super().__init__()
+        self.proj_in = nn.Linear(d_reasoner, d_weaver)
+        self.proj_out = nn.Linear(d_weaver, d_reasoner)
+        # Start both projections at the scale of the space they write into, so the untrained weaver neither
+        # swamps the weaver's input nor inserts latents far larger than the reasoner's token embeddings.
+        nn.init.normal_(self.proj_in.weight, std=scales["weaver_emb"] / (scales["in"] * math.sqrt(d_reasoner)))
+        nn.init.normal_(self.proj_out.weight, std=scales["reasoner_emb"] / (scales["weaver_out"] * math.sqrt(d_weaver)))
+        nn.init.zeros_(self.proj_in.bias)
+        nn.init.zeros_(self.proj_out.bias)
+        self.prompt = QueryBlock(k_prompt, d_weaver, scales["weaver_emb"])
+        self.infer = QueryBlock(k_infer, d_weaver, scales["weaver_emb"])
+
+
+class MemGenModel(nn.Module):
+    """Frozen reasoner + weaver (LoRA LM and heads). Only weaver parameters require gradients."""
+
+    def __init__(self, reasoner: LoadedModel, opts: MemGenOptions, weaver: LoadedModel | None = None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.opts = opts
+        self.tokenizer = reasoner.tokenizer
+        lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                          target_modules=list(opts.lora_targets), task_type="CAUSAL_LM")
+        for p in reasoner.model.parameters():
+            p.requires_grad_(False)
+        self.shared = weaver is None
+        if self.shared:
+            # One set of base weights: the adapter lives on the reasoner's modules and is switched off for it.
+            self.peft = get_peft_model(reasoner.model, lora)
+            self.reasoner_lm: PreTrainedModel = self.peft.get_base_model()
+        else:
+            self.reasoner_lm = reasoner.model
+            self.peft = get_peft_model(weaver.model, lora)
+        self.reasoner = _decoder(self.reasoner_lm)
+        self.weaver = _decoder(self.peft)
+        self.lm_head = self.reasoner_lm.get_output_embeddings()
+        self.embed = self.reasoner_lm.get_input_embeddings()
+        d_r = self.reasoner_lm.config.hidden_size
+        d_w = self.peft.get_base_model().config.hidden_size
+        weaver_base = self.peft.get_base_model()
+        scales = {
+            "in": _final_norm_rms(self.reasoner_lm) if opts.weaver_input == "hidden" else _embedding_rms(self.reasoner_lm),
+            "weaver_emb": _embedding_rms(weaver_base),
+            "weaver_out": _final_norm_rms(weaver_base),
+            "reasoner_emb": _embedding_rms(self.reasoner_lm),
+        }
+        device = self.embed.weight.device
+        dtype = self.embed.weight.dtype
+        self.heads = WeaverHeads(d_r, d_w, opts.k_prompt, opts.k_infer, scales).to(device=device, dtype=dtype)
+        self._lora_layers = [m for m in self.peft.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+        self.eval()  # peft creates its LoRA dropout modules in training mode; training switches them on explicitly
+
+    # -- which parameters learn ---------------------------------------------------------------------------
+    def weaver_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad] + list(self.heads.parameters())
+
+    def reasoner_state(self) -> dict[str, torch.Tensor]:
+        """The reasoner's own weights (LoRA excluded), for checks that they never change."""
+        return {k: v for k, v in self.reasoner_lm.state_dict().items() if "lora_" not in k}
+
+    # -- adapter switching ----------------------------------------------------------------------------------
+    def _set_adapter(self, enabled: bool) -> None:
+        # Toggling the ~2 LoRA modules per layer directly is cheaper than peft's ``disable_adapter()``, which
+        # walks every module of the model; it runs twice per insertion inside the decoding loop.
+        for m in self._lora_layers:
+            m.enable_adapters(enabled)
+        self._adapter_on = enabled
+
+    @contextlib.contextmanager
+    def _adapter(self, enabled: bool) -> Iterator[None]:
+        if not self.shared or getattr(self, "_adapter_on", True) == enabled:
+            yield
+            return
+        self._set_adapter(enabled)
+        try:
+            yield
+        finally:
+            self._set_adapter(not enabled)
+
+    def reasoner_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Inside: the shared base runs as the frozen reasoner (adapter off). No-op for a separate weaver."""
+        return self._adapter(False)
+
+    def weaver_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Inside: the shared base runs as the weaver (adapter on)."""
+        return self._adapter(True)
+
+
+def positions(start: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a chunk: ``start`` (B,) plus the count of unmasked slots before each one.
+
+    Masked slots (padding, rows that skip an insertion) do not advance the position, so a row that receives
+    nothing keeps exactly the positions it would have had without the chunk.
+    """
+    return start[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+
+
+@dataclass
+class WovenState:
+    """A batch of reasoner sequences with latents, their KV caches and the states the weaver has not read yet."""
+
+    mm: MemGenModel
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    mask: torch.Tensor | None = None  # (B, L) reasoner attention mask over every cached slot
+    next_pos: torch.Tensor | None = None  # (B,) position id of each row's next real slot
+    w_cache: DynamicCache = field(default_factory=DynamicCache)
+    w_mask: torch.Tensor | None = None  # (B, L_w) the part of ``mask`` the weaver has read
+    w_next_pos: torch.Tensor | None = None  # (B,)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [(states (B,T,d_r), mask (B,T))]
+
+    def feed(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the reasoner (adapter off: call inside ``mm.reasoner_mode()``) on a chunk; returns (B, T, d_r).
+
+        ``embeds`` (B, T, d_r) are input embeddings (tokens or latents); ``mask`` (B, T) is 1 where a row really
+        has that slot.
+        """
+        mask = mask.to(torch.long)
+        B = embeds.shape[0]
+        if self.mask is None:
+            self.mask = mask.new_zeros((B, 0))
+            self.next_pos = mask.new_zeros(B)
+            self.w_mask = mask.new_zeros((B, 0))
+            self.w_next_pos = mask.new_zeros(B)
+        full = torch.cat([self.mask, mask], dim=1)  # (B, L + T)
+        out = self.mm.reasoner(inputs_embeds=embeds, attention_mask=full, position_ids=positions(self.next_pos, mask),
+                               cache=self.cache, use_cache=True)
+        hidden = out.last_hidden_state  # (B, T, d_r)
+        self.mask = full
+        self.next_pos = self.next_pos + mask.sum(1)
+        src = hidden if self.mm.opts.weaver_input == "hidden" else embeds
+        self.pending.append((src, mask))
+        return hidden
+
+    def weave(self, kind: str) -> torch.Tensor:
+        """Latents (B, K, d_r) for every row from the sequence so far (rows that will not insert are discarded)."""
+        mm = self.mm
+        block = mm.heads.prompt if kind == "prompt" else mm.heads.infer
+        states = torch.cat([s for s, _ in self.pending], dim=1)  # (B, T, d_r)
+        mask = torch.cat([m for _, m in self.pending], dim=1)  # (B, T)
+        self.pending = []
+        # Masked slots may hold garbage (even NaN for fully padded rows); zero them so 0-weight attention stays 0.
+        states = torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype, device=states.device))
+        B, T = mask.shape
+        q = block(B)  # (B, K, d_w)
+        K = q.shape[1]
+        x = torch.cat([mm.heads.proj_in(states).to(q.dtype), q], dim=1)  # (B, T + K, d_w)
+        qmask = mask.new_ones((B, K))
+        full = torch.cat([self.w_mask, mask, qmask], dim=1)  # (B, L_w + T + K)
+        pos = positions(self.w_next_pos, torch.cat([mask, qmask], dim=1))
+        with mm.weaver_mode():
+            out = mm.weaver(inputs_embeds=x, attention_mask=full, position_ids=pos, cache=self.w_cache,
+                            use_cache=True).last_hidden_state  # (B, T + K, d_w)
+        self.w_cache.crop(-K)  # the queries are not part of the sequence the weaver reads next time
+        self.w_mask = torch.cat([self.w_mask, mask], dim=1)
+        self.w_next_pos = self.w_next_pos + mask.sum(1)
+        return mm.heads.proj_out(out[:, -K:]).to(mm.embed.weight.dtype)  # (B, K, d_r)

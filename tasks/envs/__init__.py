@@ -1,0 +1,1 @@
+"""Multi-turn environment tasks (TextWorldExpress, ALFWorld) run through ``harness.agent``."""
