@@ -135,8 +135,9 @@ def transfer_matrix(df: pd.DataFrame, method: str, fmt: str = "md") -> pd.DataFr
     """source x target strings "delta ± half-width" for one method (the diagonal is in-domain learning)."""
     sub = df[df.method == method]
     pm = "$\\pm$" if fmt == "latex" else "±"
-    sources = list(dict.fromkeys(sub.source))
     targets = list(dict.fromkeys(sub.target))
+    # Sources in sequence order (transfer.json stores them with sorted keys); domain sources after.
+    sources = sorted(dict.fromkeys(sub.source), key=lambda x: (targets.index(x) if x in targets else len(targets), x))
     name = f"{method}: source \\ target" if fmt != "latex" else f"{method.replace('_', chr(92) + '_')}: source $\\backslash$ target"
     out = pd.DataFrame(index=pd.Index(sources, name=name), columns=targets, dtype=object)
     for _, r in sub.iterrows():
