@@ -170,7 +170,9 @@ def run_method(
     set_seed(derive_seed(cfg.seed, "init"))
     method = build_method(method_name, lm, cfg)
     trains = getattr(method, "trains", True)
-    untrainable = [t.name for t in tasks if "train" not in getattr(getattr(t, "definition", None), "splits", {"train": 1})]
+    # Tasks with file splits must have a train split to be learned (environment tasks generate theirs: no splits).
+    untrainable = [t.name for t in tasks
+                   if (splits := getattr(getattr(t, "definition", None), "splits", None)) and "train" not in splits]
     if untrainable:
         raise ConfigError(f"task(s) {untrainable} have no train split, so they cannot be learned in a sequence; "
                           f"evaluate them with `memgen-bench eval` or use a task with training data")

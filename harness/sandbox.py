@@ -165,6 +165,11 @@ chown -R "$SBX_UID:$SBX_UID" /var/tmp
 mkdir /var/tmp/.python
 mount --bind "$PY_PREFIX" /var/tmp/.python
 mount -o remount,bind,ro /var/tmp/.python
+i=0
+for d in $SITE_DIRS; do
+  mkdir "/var/tmp/.site$i"; mount --bind "$d" "/var/tmp/.site$i"; mount -o remount,bind,ro "/var/tmp/.site$i"
+  i=$((i + 1))
+done
 mount --move /var/tmp /tmp
 for d in $HIDE; do if [ -d "$d" ]; then mount -t tmpfs -o size=1m,mode=0755 tmpfs "$d"; fi; done
 cd /tmp
@@ -177,6 +182,12 @@ exit $?
 # The real interpreter as (prefix, path of the binary inside it): the sandbox runs it without the venv's symlink.
 _PY = (os.path.realpath(sys.base_prefix),
        os.path.relpath(os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)))
+def _site_dirs() -> list[str]:
+    """The interpreter's existing site-packages folders (real paths, no spaces: they travel in a shell list)."""
+    dirs = [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]
+    return [d for d in dict.fromkeys(dirs) if " " not in d]
+
+
 _MIN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
@@ -276,7 +287,10 @@ class Sandbox:
             os.chmod(stage, 0o700)
             spec = {"solution": program.solution, "tests": program.tests, "kind": program.kind,
                     "entry_point": program.entry_point, "setup": program.setup, "rlimits": limits.rlimits(),
-                    "block_sockets": not namespaced, "sys_path": site.getsitepackages() if namespaced else []}
+                    "block_sockets": not namespaced,
+                    # site-packages are bound read-only at /tmp/.site<i> inside the namespace: they may live under
+                    # /tmp themselves (a venv in a /tmp checkout), which the workdir tmpfs would otherwise hide.
+                    "sys_path": [f"/tmp/.site{i}" for i in range(len(_site_dirs()))] if namespaced else []}
             if not namespaced:
                 spec["rlimits"].pop("RLIMIT_NPROC")  # per real uid: it would count the harness user's processes
             shutil.copyfile(RUNNER, stage / "runner.py")
@@ -293,6 +307,7 @@ class Sandbox:
                            shutil.which("unshare") or "unshare", "--net", "--mount", "--pid", "--ipc", "--uts",
                            "--fork", "--kill-child", "--", "/bin/sh", "-c", _SETUP]
                     env = {**_MIN_ENV, "STAGE": str(stage), "SBX_UID": str(uid), "PY_PREFIX": _PY[0], "PY_BIN": _PY[1],
+                           "SITE_DIRS": " ".join(_site_dirs()),
                            "WORKDIR_MB": str(limits.workdir_mb), "HIDE": " ".join(HIDDEN_WRITABLE)}
                     cwd = "/"
                 else:

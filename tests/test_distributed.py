@@ -49,7 +49,8 @@ def test_two_process_run_matches_single_process(tmp_path):
     assert "accelerate.commands.launch" in two.stderr
     for method in ("vanilla", "sft"):
         r1, r2 = _records(tmp_path / "one" / method), _records(tmp_path / "two" / method)
-        assert r1.keys() == r2.keys() and len(r1) == 6  # 3 rows x 2 tasks
+        # 3 rows x 2 tasks; vanilla never trains, so only its row 0 is generated (later rows copy it)
+        assert r1.keys() == r2.keys() and len(r1) == (2 if method == "vanilla" else 6)
         for name in r1:
             # every sample scored exactly once, in the original order, even though 5 does not divide by 2
             assert [s["id"] for s in r2[name]] == [s["id"] for s in r1[name]]

@@ -111,7 +111,8 @@ def test_cached_equals_naive_batched_rows_insert_at_different_steps(tiny, smollm
         assert _strip(out.sequences[b], eos) == tokens, f"row {b}"
         assert out.insertions[b] == points
     assert out.insertions[0] == [0, 3, 6, 9, 12]  # capped at 4 inference insertions
-    assert out.insertions[1] != out.insertions[2]
+    # rows really inserted at different steps (a row that hits EOS early stops inserting; any two differing suffice)
+    assert len({tuple(x) for x in out.insertions}) > 1
 
 
 def test_cached_equals_naive_single_row_real_delimiters(tiny):
