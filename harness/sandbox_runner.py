@@ -40,8 +40,11 @@ def _set_limits(limits: dict) -> None:
     for name, value in limits.items():
         res = getattr(resource, name)
         soft, hard = resource.getrlimit(res)
+        # CPU: the soft limit sends SIGXCPU (reported as a timeout); the hard limit one second later SIGKILLs a
+        # program that ignores it. Equal limits would SIGKILL at once, indistinguishable from an OOM kill.
+        target = value + 1 if name == "RLIMIT_CPU" else value
         # Lower only: an unprivileged process may not raise a hard limit.
-        hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
+        hard = target if hard == resource.RLIM_INFINITY else min(hard, target)
         resource.setrlimit(res, (min(value, hard), hard))
 
 
