@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback
 
 from harness.config import RunConfig
 from harness.generation import generate_greedy
@@ -69,6 +70,8 @@ class SFT:
             data_collator=lambda b: pad_right(b, self.tokenizer.pad_token_id),
             callbacks=[guard],
         )
+        # With tqdm disabled, Trainer prints every log dict to stdout; the runner's progress bar shows the loss.
+        trainer.remove_callback(PrinterCallback)
         self.model.train()
         t0 = time.perf_counter()
         trainer.train()
