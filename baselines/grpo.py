@@ -33,11 +33,8 @@ from harness.config import ConfigError, RunConfig, from_dict
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.training import LossGuard, lora_config
+from harness.training import LossGuard, load_weights, lora_config, save_weights
 from tasks.base import Example, Task
-
-ADAPTER_DIR = "adapter"
-FULL_DIR = "model"
 
 
 @dataclass(frozen=True)
@@ -201,23 +198,7 @@ class GRPO:
         return generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens, self.cfg.eval.batch_size)
 
     def save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path / (ADAPTER_DIR if self.cfg.train.lora else FULL_DIR))
+        save_weights(self.model, path, self.cfg.train.lora)
 
     def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        if self.cfg.train.lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors")))
-        else:
-            state: dict[str, torch.Tensor] = {}
-            for f in sorted((path / FULL_DIR).glob("*.safetensors")):
-                state.update(load_file(str(f)))
-            missing, _ = self.model.load_state_dict(state, strict=False)
-            # Tied embeddings are saved once; anything else missing is a broken checkpoint.
-            real_missing = [m for m in missing if "lm_head" not in m]
-            if real_missing:
-                raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
-        self.model.eval()
+        load_weights(self.model, path, self.cfg.train.lora)

@@ -25,16 +25,15 @@ from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
 from harness.training import (
     LossGuard,
+    load_weights,
     lora_config,
     pad_right,
+    save_weights,
     steps_for,
     tokenize_prompt_target,
     training_arguments,
 )
 from tasks.base import Example, Task
-
-ADAPTER_DIR = "adapter"
-FULL_DIR = "model"
 
 
 class SFT:
@@ -83,28 +82,7 @@ class SFT:
         return generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens, self.cfg.eval.batch_size)
 
     def save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        if self.cfg.train.lora:
-            self.model.save_pretrained(path / ADAPTER_DIR)
-        else:
-            self.model.save_pretrained(path / FULL_DIR)
+        save_weights(self.model, path, self.cfg.train.lora)
 
     def load(self, path: Path) -> None:
-        if self.cfg.train.lora:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            state = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
-            set_peft_model_state_dict(self.model, state)
-        else:
-            from safetensors.torch import load_file
-
-            state = {}
-            for f in sorted((path / FULL_DIR).glob("*.safetensors")):
-                state.update(load_file(str(f)))
-            missing, _ = self.model.load_state_dict(state, strict=False)
-            # Tied embeddings are saved once; anything else missing is a broken checkpoint.
-            real_missing = [m for m in missing if "lm_head" not in m]
-            if real_missing:
-                raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
-        self.model.eval()
+        load_weights(self.model, path, self.cfg.train.lora)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,3 +123,33 @@ class LossGuard(TrainerCallback):
             self.losses.append(loss)
             if self.on_step is not None:
                 self.on_step(state.global_step, state.max_steps, loss)
+
+
+ADAPTER_DIR = "adapter"
+FULL_DIR = "model"
+
+
+def save_weights(model: Any, path: Path, lora: bool) -> None:
+    """A method's trained weights: the peft adapter (LoRA) or the full model, under ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path / (ADAPTER_DIR if lora else FULL_DIR))
+
+
+def load_weights(model: Any, path: Path, lora: bool) -> None:
+    """Restore what ``save_weights`` wrote into ``model`` (in place) and put it in eval mode."""
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors")))
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted((path / FULL_DIR).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, _ = model.load_state_dict(state, strict=False)
+        # Tied embeddings are saved once; anything else missing is a broken checkpoint.
+        real_missing = [m for m in missing if "lm_head" not in m]
+        if real_missing:
+            raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
+    model.eval()
