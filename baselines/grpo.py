@@ -15,6 +15,11 @@ Departures from the paper's GRPO (and from the MemGen paper's GRPO baseline):
 - Outcome reward only (the task score in [0, 1]); no process supervision, no format reward.
 - Continual setting: one adapter trained on through the whole sequence, a fresh optimizer per task.
 - Evaluation decodes greedily (the runner's protocol), while training samples at ``temperature``.
+- Under ``accelerate launch`` TRL runs DDP itself (generation and rewards per process, seeds per device); a step
+  still trains on ``prompts_per_step * num_generations`` completions in all, split over the processes, so that
+  number must divide by the number of processes (checked up front, with TRL's own constraint that the global
+  batch divides by ``num_generations``). Verified with 2 gloo processes on CPU (identical LoRA weights on both);
+  ZeRO/FSDP configs are untested.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from transformers import TrainerCallback
 
 from harness.config import ConfigError, RunConfig, from_dict
+from harness.distributed import check_in_sync, world
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
@@ -78,6 +84,23 @@ def parse_options(options: dict[str, Any]) -> GRPOOptions:
     return opts
 
 
+def per_device_batch(opts: GRPOOptions, n_proc: int, grad_accum: int = 1) -> int:
+    """Completions per process and micro-step: a step's ``prompts_per_step * num_generations`` split evenly over
+    ``n_proc`` processes. Raises ``ConfigError`` (one line, naming the settings) unless it divides, and checks TRL's
+    group constraint (per-device batch * processes * grad_accum divisible by ``num_generations``) up front."""
+    total = opts.prompts_per_step * opts.num_generations
+    if total % n_proc:
+        raise ConfigError(f"grpo: method_options.grpo.prompts_per_step * num_generations = {opts.prompts_per_step} * "
+                          f"{opts.num_generations} = {total} completions per step do not divide over {n_proc} "
+                          f"processes; change prompts_per_step or num_generations (or --num-processes)")
+    per_device = total // n_proc
+    if (per_device * n_proc * grad_accum) % opts.num_generations:  # TRL's check, stated in our terms
+        raise ConfigError(f"grpo: the global batch {per_device} x {n_proc} processes x {grad_accum} accumulation "
+                          f"steps is not divisible by method_options.grpo.num_generations={opts.num_generations}; "
+                          f"change num_generations or prompts_per_step")
+    return per_device
+
+
 def grpo_config(cfg: RunConfig, opts: GRPOOptions, seed: int, max_steps: int, max_completion_length: int):
     """The ``trl.GRPOConfig`` for one task: one optimizer step per generated batch, CPU-safe settings."""
     from trl import GRPOConfig
@@ -85,7 +108,7 @@ def grpo_config(cfg: RunConfig, opts: GRPOOptions, seed: int, max_steps: int, ma
     t = cfg.train
     return GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="memgen-grpo-"),
-        per_device_train_batch_size=opts.num_generations * opts.prompts_per_step,
+        per_device_train_batch_size=per_device_batch(opts, world()[1]),
         gradient_accumulation_steps=1,
         num_generations=opts.num_generations,
         num_iterations=1,
@@ -159,6 +182,7 @@ class GRPO:
     def __init__(self, model: LoadedModel, cfg: RunConfig, options: dict[str, Any]):
         self.cfg = cfg
         self.opts = parse_options(options)
+        per_device_batch(self.opts, world()[1])  # the group constraint, before any evaluation runs
         self.tokenizer = model.tokenizer
         if cfg.train.lora:
             from peft import get_peft_model
@@ -190,6 +214,7 @@ class GRPO:
             self.model.delete_adapter("ref")
         self.model.eval()
         self.tokenizer.padding_side = "left"  # generation everywhere else relies on left padding
+        check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"grpo on {task.name}")
         return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": guard.losses,
                 "rewards": rewards.rewards}
 

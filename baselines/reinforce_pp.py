@@ -10,8 +10,13 @@ Implements REINFORCE++ (Hu et al., arXiv 2501.03262) with OpenRLHF's semantics (
 5. PPO-clipped policy loss, token-mean aggregation, AdamW.
 
 Differences from OpenRLHF:
-- A compact single-process trainer (HF ``generate`` for rollouts, no Ray/vLLM/DeepSpeed); the whitening still
-  all-reduces when torch.distributed is initialised, nothing else is distributed.
+- A compact trainer (HF ``generate`` for rollouts, no Ray/vLLM/DeepSpeed). Under ``accelerate launch`` it is
+  data-parallel: every process draws the same prompts, samples and scores its contiguous block of the
+  ``prompts_per_step * samples_per_prompt`` rollouts (which must divide over the processes) with its own sampling
+  seed, the rewards are gathered (the ``baseline`` group mean spans processes), the returns are whitened over the
+  global batch of tokens (all-reduced), and the model is wrapped in DDP by ``accelerate`` with each process's loss
+  rescaled so that the averaged gradient is that of the global loss (exactly the single-process aggregation).
+  Verified with 2 gloo processes on CPU (identical LoRA weights on both); ZeRO/FSDP configs are untested.
 - LoRA (peft) by default; the reference policy is then the base model with the adapter disabled, i.e. the model
   before any training of the whole continual sequence (OpenRLHF's reference is the initial model too). With
   ``train.lora=false`` a frozen copy of the initial model is kept.
@@ -39,6 +44,15 @@ from transformers import get_scheduler
 
 from harness import rl
 from harness.config import ConfigError, RunConfig, from_dict
+from harness.distributed import (
+    all_reduce_sum,
+    check_in_sync,
+    ddp_model,
+    gather_rows,
+    rank_seed,
+    rank_slice,
+    world,
+)
 from harness.generation import generate_greedy, stop_token_ids
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
@@ -144,6 +158,11 @@ class ReinforcePP:
     def __init__(self, model: LoadedModel, cfg: RunConfig, options: dict[str, Any]):
         self.cfg = cfg
         self.opts = parse_options(options)
+        rollouts, n_proc = self.opts.prompts_per_step * self.opts.samples_per_prompt, world()[1]
+        if rollouts % n_proc:
+            raise ConfigError(f"method_options.reinforce_pp: prompts_per_step * samples_per_prompt = {rollouts} "
+                              f"rollouts per step do not divide over {n_proc} processes; make it a multiple of "
+                              f"{n_proc}")
         self.tokenizer = model.tokenizer
         self.ref_model: Any = None
         if cfg.train.lora:
@@ -188,33 +207,51 @@ class ReinforcePP:
 
     # -- training -----------------------------------------------------------------------------------------------
     def train_step(self, task: Task, batch: Sequence[Example], optimizer, scheduler, budget: int) -> dict[str, float]:
-        """Sample, score, compute REINFORCE++ advantages and take ``ppo_epochs`` gradient steps on one batch."""
+        """Sample, score, compute REINFORCE++ advantages and take ``ppo_epochs`` gradient steps on one batch.
+
+        Under a launch this process handles its ``rank_slice`` of the batch's rollouts (see the module docstring)."""
         o = self.opts
-        r = self.rollout([task.prompt(e, self.tokenizer) for e in batch], o.samples_per_prompt, budget)
-        examples = [e for e in batch for _ in range(o.samples_per_prompt)]
-        rewards = torch.tensor([float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)])  # (B,)
+        n_rows = len(batch) * o.samples_per_prompt
+        rows = rank_slice(n_rows)  # rollout b is sample b % S of prompt b // S
+        examples = [batch[b // o.samples_per_prompt] for b in rows]
+        r = self.rollout([task.prompt(e, self.tokenizer) for e in examples], 1, budget)
+        local = [float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)]
+        rewards = torch.tensor(gather_rows(rows, local, n_rows))  # (B,) the global batch's rewards
+        r_adv = rewards  # the baseline variant subtracts each prompt's group mean (groups may span processes)
+        if o.variant == "baseline":
+            r_adv = rewards - rewards.view(-1, o.samples_per_prompt).mean(1).repeat_interleave(o.samples_per_prompt)
         mask = r.completion_mask
         with torch.no_grad():
-            old = self._logps(self.model, r)  # (B, C)
+            old = self._logps(self.model, r)  # (B_local, C)
             kl = rl.approx_kl(old, self.reference_logps(r), mask, o.kl_estimator) if o.kl_coef > 0 else None
-        adv, _ = rl.reinforce_pp_advantages(rewards.to(mask.device), mask, kl, o.kl_coef, o.gamma,
-                                            group_size=o.samples_per_prompt if o.variant == "baseline" else None)
+        # returns whitened over the global batch's tokens (all-reduced inside)
+        adv, _ = rl.reinforce_pp_advantages(r_adv[rows.start:rows.stop].to(mask.device), mask, kl, o.kl_coef,
+                                            o.gamma)
+        # DDP averages gradients over processes: weigh each process's loss by its share of the global normaliser
+        # (tokens for ``token``, rollouts otherwise) times the number of processes, giving the global loss's gradient.
+        n_proc = world()[1]
+        n_tok, n_tok_all = float(mask.sum()), all_reduce_sum([float(mask.sum())])[0]
+        share = n_tok / max(n_tok_all, 1.0) if o.loss_aggregation == "token" else len(rows) / n_rows
+        model = ddp_model(self.model)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(o.ppo_epochs):
-            loss, stats = rl.policy_loss(self._logps(self.model, r), old, adv, mask, o.clip_eps, o.clip_eps_high,
+            loss, stats = rl.policy_loss(self._logps(model, r), old, adv, mask, o.clip_eps, o.clip_eps_high,
                                          o.loss_aggregation, max_len=budget)  # type: ignore[arg-type]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"reinforce_pp on {task.name}: loss became {loss.item()}; lower train.lr")
+            if all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops alike
+                raise NonFiniteLossError(f"reinforce_pp on {task.name}: loss became non-finite ({loss.item()} here); "
+                                         f"lower train.lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (share * n_proc)).backward()
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
             optimizer.step()
         scheduler.step()
         self.model.eval()
-        return {"loss": float(loss.item()), "reward": float(rewards.mean()), "clip_frac": stats["clip_frac"],
-                "kl": float(rl.masked_mean(kl, mask)) if kl is not None else 0.0,
-                "length": float(mask.sum(1).float().mean())}
+        kl_sum = float((kl * mask).sum()) if kl is not None else 0.0
+        loss_all, clip_all, kl_all = all_reduce_sum([loss.item() * share, stats["clip_frac"] * n_tok, kl_sum])
+        return {"loss": loss_all, "reward": float(rewards.mean()), "clip_frac": clip_all / max(n_tok_all, 1.0),
+                "kl": kl_all / max(n_tok_all, 1.0) if kl is not None else 0.0,
+                "length": n_tok_all / n_rows}
 
     def optimizer(self, steps: int) -> tuple[torch.optim.Optimizer, Any]:
         """AdamW over the trainable parameters and the ``train.scheduler`` schedule for ``steps`` steps."""
@@ -227,6 +264,7 @@ class ReinforcePP:
     def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
         seed = derive_seed(self.cfg.seed, "train", stage)
         set_seed(seed)
+        torch.manual_seed(rank_seed(seed))  # a distinct sampling stream per process under a launch (same seed alone)
         t, o = self.cfg.train, self.opts
         steps = t.max_steps or max(1, round(t.epochs * len(examples) / o.prompts_per_step))
         budget = o.max_completion_length or task.max_new_tokens
@@ -238,6 +276,7 @@ class ReinforcePP:
             batch = [examples[i] for i in next(batches)]
             for k, v in self.train_step(task, batch, optimizer, scheduler, budget).items():
                 history.setdefault(k, []).append(v)
+        check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"reinforce_pp on {task.name}")
         return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": history.get("loss", []),
                 "rewards": history.get("reward", []), "kl": history.get("kl", []),
                 "clip_frac": history.get("clip_frac", []), "lengths": history.get("length", [])}

@@ -6,6 +6,10 @@ Departures from the paper's SFT baseline (MemGen, arXiv 2509.24704, Sec. 5):
 - One LoRA adapter is trained on through the whole sequence (that is what continual SFT means); a fresh
   optimizer and schedule per task, seeded from (master seed, stage) so a resumed run repeats exactly.
 - Loss on target tokens only (prompt masked), via ``transformers.Trainer``.
+- Under ``accelerate launch`` the Trainer runs DDP: ``train.batch_size`` is the global batch, split over the
+  processes; each process's loss is its own token mean, so the averaged gradient differs slightly from the
+  single-process token mean when the processes' target lengths differ. Verified with 2 gloo processes on CPU
+  (identical weights on every process, checked after each task); ZeRO/FSDP configs are untested.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
 from harness.config import RunConfig
+from harness.distributed import check_in_sync
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
@@ -75,6 +80,7 @@ class SFT:
         t0 = time.perf_counter()
         trainer.train()
         self.model.eval()
+        check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"sft on {task.name}")
         return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": guard.losses}
 
     def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:

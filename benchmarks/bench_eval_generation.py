@@ -40,24 +40,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     lm = load_model(args.model)
     task = get_task(args.task)
     prompts = [task.prompt(e, lm.tokenizer) for e in task.load("test", limit=args.n, seed=0)]
     # Same prompts, same greedy decoding: both sides produce the same completions, so the throughput ratio is
-    # the inverse ratio of wall times; tokens are counted once, on the reference side.
-    t_ours, t_bare, tokens = 0.0, 0.0, 0
+    # the inverse ratio of wall times; tokens are counted on the reference side. The sides alternate and each
+    # keeps its best (shortest) repeat, so a burst of load on this shared machine hits neither side's figure.
+    t_ours: list[float] = []
+    t_bare: list[float] = []
+    tokens = 0
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        tokens += bare_loop(lm.model, lm.tokenizer, prompts, args.max_new_tokens, args.batch_size)
-        t_bare += time.perf_counter() - t0
+        tokens = bare_loop(lm.model, lm.tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        t_bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         generate_greedy(lm.model, lm.tokenizer, prompts, args.max_new_tokens, args.batch_size)
-        t_ours += time.perf_counter() - t0
-    print(f"bare generate loop : {tokens / t_bare:8.1f} tok/s ({t_bare:.1f}s)")
-    print(f"generate_greedy    : {tokens / t_ours:8.1f} tok/s ({t_ours:.1f}s)")
-    print(f"ratio ours/bare    : {t_bare / t_ours:.2f}  (target >= 0.9)")
+        t_ours.append(time.perf_counter() - t0)
+    print(f"bare generate loop : {tokens / min(t_bare):8.1f} tok/s (best of {[round(t, 1) for t in t_bare]} s)")
+    print(f"generate_greedy    : {tokens / min(t_ours):8.1f} tok/s (best of {[round(t, 1) for t in t_ours]} s)")
+    print(f"ratio ours/bare    : {min(t_bare) / min(t_ours):.2f}  (target >= 0.9)")
 
 
 if __name__ == "__main__":

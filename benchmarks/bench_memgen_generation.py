@@ -92,7 +92,7 @@ def main() -> None:
               + ", ".join(f"{k} {[round(x, 2) for x in v]}" for k, v in times.items()) + ")")
 
     if args.naive_tokens:
-        from test_memgen_generation import naive_generate
+        from memgen_reference import naive_generate
 
         n = args.naive_tokens
         enc = tok([task.prompt(examples[0], tok)], return_tensors="pt", add_special_tokens=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,13 +85,17 @@ def run(
                                       "processes (data-parallel evaluation, DDP training)."),
 ) -> None:
     """Run a task sequence for each method; fill and export the accuracy matrix (resumes a killed run)."""
-    from harness.distributed import is_main, launched
+    from harness.distributed import is_main, launched, single_process_cpu_launch
     from harness.report import render, summary_table
     from harness.runner import run_method
     from tasks.registry import resolve_sequence
 
     if num_processes > 1 and not launched():
         raise typer.Exit(_relaunch(num_processes, device or "cpu"))
+    if single_process_cpu_launch():
+        _fail(ConfigError("`accelerate launch --cpu --num_processes N` started a single process (accelerate's CPU "
+                          "launcher needs MPI for more); use `memgen-bench run --num-processes N` or "
+                          "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...`"))
 
     try:
         opts = {"sequence": sequence, "model": model, "seed": seed, "limit": limit, "out": out,
@@ -140,13 +145,15 @@ def _relaunch(n: int, device: str) -> int:
         if a.startswith("--num-processes="):
             continue
         argv.append(a)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if device == "cpu":
-        cmd.append("--cpu")
-    cmd += ["-m", "harness.cli", *argv]
-    console.print(f"launching: {' '.join(cmd)}")
-    return subprocess.run(cmd).returncode
+    # ``--multi_gpu`` starts n processes through torchrun; ``--cpu`` would start only one (accelerate's simple
+    # launcher needs an MPI hostfile for more), so CPU runs say ACCELERATE_USE_CPU instead: n gloo processes.
+    # Port 0: a free rendezvous port, so concurrent launches do not collide.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "harness.cli", *argv]
+    env = {**os.environ, **({"ACCELERATE_USE_CPU": "true"} if device == "cpu" else {})}
+    console.print(f"launching: {'ACCELERATE_USE_CPU=true ' if device == 'cpu' else ''}{' '.join(cmd)}")
+    return subprocess.run(cmd, env=env).returncode
 
 
 @app.command()

@@ -2,7 +2,21 @@
 
 Under ``accelerate launch --num_processes N`` every process runs the same runner: evaluation prompts are sharded
 round-robin, the per-sample records are gathered to every process in the original order (so each sample is
-scored exactly once, whatever N), and only the main process writes files.
+scored exactly once, whatever N), and only the main process writes files. Training is data-parallel too (see
+``rank_slice`` below): ``sft`` and ``grpo`` through their Trainer's DDP, ``reinforce_pp`` through DDP from
+``accelerate`` (``ddp_model``), and MemGen's weaver SFT, weaver GRPO and trigger training by summing the
+trainable gradients by hand (``all_reduce_grads``); every method checks after each task that its trainable weights
+are bit-identical on all processes (``check_in_sync``).
+
+Verified here: every method under 2 CPU processes with gloo (``tests/test_distributed*.py``). Not verified here
+(no GPU, no deepspeed installed): NCCL on GPUs and the DeepSpeed ZeRO-2/3 and FSDP configs of
+``configs/accelerate/``; the hand-summed MemGen gradients and ``reinforce_pp``'s ``ddp_model`` assume plain data
+parallelism (full parameters on every process), so ZeRO-3/FSDP would need more work for them.
+
+On CPU, accelerate 1.x's ``accelerate launch --cpu --num_processes N`` starts ONE process unless given an MPI
+hostfile; ``memgen-bench run --num-processes N`` therefore launches with ``--multi_gpu`` (torchrun) and
+``ACCELERATE_USE_CPU=true``, which gives N gloo processes, and ``run`` refuses the single-process trap with an
+error saying so (``single_process_cpu_launch``).
 """
 
 from __future__ import annotations
@@ -15,16 +29,37 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun, then MPI
+
+
 def launched() -> bool:
-    """True inside ``accelerate launch`` / torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True inside ``accelerate launch`` / torchrun / mpirun with more than one process."""
+    return max(int(os.environ.get(k, "1") or 1) for k in WORLD_SIZE_ENV) > 1
+
+
+def single_process_cpu_launch() -> bool:
+    """True in the one process that ``accelerate launch --cpu --num_processes N`` (N > 1, no MPI hostfile) starts:
+    accelerate's simple launcher sets the rendezvous address but starts a single process (accelerate 1.x)."""
+    return (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
+            and not launched())
+
+
+def _use_cpu() -> bool:
+    """CPU processes (gloo): ``ACCELERATE_USE_CPU`` set by the launcher, or no GPU at all."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 @cache
 def state():
     from accelerate import PartialState
 
-    return PartialState()
+    # PartialState only forms a CPU (gloo) process group when told cpu=True; without it every CPU process of a
+    # launch would believe it is alone (the Accelerator reads ACCELERATE_USE_CPU itself, PartialState does not).
+    return PartialState(cpu=_use_cpu())
 
 
 def world() -> tuple[int, int]:
@@ -75,3 +110,153 @@ def map_sharded(fn: Callable[[list[T]], list[Any]], items: Sequence[T]) -> list[
     pairs = list(zip(idx, local, strict=True))
     gathered = gather_object([pairs])  # one list of pairs per process
     return merge_shards(gathered, len(items))
+
+
+# -- data-parallel training ---------------------------------------------------------------------------------------
+# Training under a launch: every process draws the same global batch (same seeds), takes its ``rank_slice`` of the
+# rows, scales its loss by (its share of the global normaliser: rows or tokens) so the losses of all processes SUM
+# to the single-process loss, and sums the gradients with ``all_reduce_grads`` (or averages them through DDP with
+# the loss also multiplied by the number of processes). Every process then holds the same gradient, clips it the
+# same way and takes the same optimizer step, so the trainable weights stay bit-identical (``check_in_sync``).
+# Collectives are only ever called after a process's generation has finished, the same number of times on every
+# process, so processes whose rollouts end at different decoding steps simply wait at the next collective.
+
+
+def rank_slice(n: int) -> range:
+    """This process's contiguous block of a global batch of ``n`` rows (block sizes differ by at most one)."""
+    rank, n_proc = world()
+    return range(rank * n // n_proc, (rank + 1) * n // n_proc)
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` in a single process; a distinct seed per process under a launch, so that processes sampling
+    rollouts of the same prompt do not draw identical samples."""
+    rank, n_proc = world()
+    if n_proc == 1:
+        return seed
+    from harness.seeding import derive_seed
+
+    return derive_seed(seed, "rank", rank)
+
+
+def gather_rows(indices: Sequence[int], values: Sequence[Any], n: int) -> list[Any]:
+    """Every process's ``values`` (for its row ``indices``) gathered into the full list of ``n`` rows, in order,
+    on every process; checks that each row comes from exactly one process."""
+    pairs = list(zip(indices, values, strict=True))
+    if world()[1] == 1:
+        return merge_shards([pairs], n)
+    from accelerate.utils import gather_object
+
+    return merge_shards(gather_object([pairs]), n)
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the processes (the values themselves in a single process)."""
+    if not launched():
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _comm_device():
+    """Where collectives' tensors live: the process's GPU under NCCL, else the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_grads(params: Sequence[Any]) -> bool:
+    """Sum the gradients of ``params`` over the processes, in place; True if any process had a gradient.
+
+    A parameter without a gradient counts as zeros (a process whose share of the batch produced no loss still
+    takes part). When no process had any gradient the gradients stay None, so every process skips the step alike.
+    In a single process this only reports whether any gradient exists. Losses must be scaled so that their sum
+    over the processes is the global loss (see the comment above ``rank_slice``)."""
+    params = list(params)
+    has = any(p.grad is not None for p in params)
+    if not launched():
+        return has
+    import torch
+    import torch.distributed as dist
+
+    device = _comm_device()
+    flat = torch.cat([*(p.grad.detach().reshape(-1).to(device, torch.float32) if p.grad is not None
+                        else torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in params),
+                      torch.tensor([float(has)], device=device)])  # (sum of numel + 1,)
+    dist.all_reduce(flat)
+    if flat[-1].item() == 0:
+        return False
+    offset = 0
+    for p in params:
+        g = flat[offset: offset + p.numel()].view_as(p).to(p.device, p.dtype)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+    return True
+
+
+def weights_digest(params: Sequence[Any]) -> str:
+    """A SHA-256 of the exact bytes of ``params`` (in order)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+SYNC_LOG_ENV = "MEMGEN_BENCH_SYNC_LOG"
+
+
+def check_in_sync(params: Sequence[Any], label: str) -> str:
+    """Raise if the trainable ``params`` differ between processes (they must be bit-identical after
+    data-parallel training); returns this process's digest. With ``$MEMGEN_BENCH_SYNC_LOG`` set, every process
+    also appends ``{"label", "rank", "world", "digest"}`` as a JSON line to ``<that path>.rank<r>`` (the tests
+    read it). In a single process without the log it does nothing and returns ""."""
+    rank, n_proc = world()
+    path = os.environ.get(SYNC_LOG_ENV)
+    if n_proc == 1 and not path:
+        return ""  # nothing to compare with (and no need to hash a large model)
+    digest = weights_digest(params)
+    if path:
+        import json
+
+        with open(f"{path}.rank{rank}", "a") as f:
+            f.write(json.dumps({"label": label, "rank": rank, "world": n_proc, "digest": digest}) + "\n")
+    if n_proc > 1:
+        from accelerate.utils import gather_object
+
+        digests = gather_object([digest])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"{label}: trainable weights differ between processes after training "
+                               f"({', '.join(d[:12] for d in digests)}); data-parallel training went out of sync")
+    return digest
+
+
+_DDP: dict[int, Any] = {}
+
+
+def ddp_model(model: Any) -> Any:
+    """``model`` wrapped for data-parallel training by ``accelerate`` (DDP under a launch; the model itself in a
+    single process). Wrapped once per model object and reused, so repeated tasks do not stack DDP hooks.
+
+    DDP averages gradients over the processes during ``backward``; ``generate``, reference forwards and
+    checkpoints keep using ``model`` itself (it shares the parameters)."""
+    if not launched():
+        return model
+    if id(model) not in _DDP:
+        from accelerate import Accelerator
+
+        _DDP[id(model)] = Accelerator().prepare_model(model)
+    return _DDP[id(model)]

@@ -57,7 +57,8 @@ METHODS: dict[str, str] = {
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "vanilla": "frozen model, no training (the init row repeated)",
     "sft": "supervised fine-tuning on gold targets (LoRA by default, full with train.lora=false)",
-    "memgen": "MemGen: frozen reasoner + LoRA memory weaver inserting latent tokens (weaver SFT)",
+    "memgen": "MemGen: frozen reasoner + LoRA memory weaver inserting latent tokens (weaver SFT/GRPO, "
+              "optional RL-trained trigger)",
     "expel": "ExpeL-style retrieval memory: similar past successes as few-shot + model-distilled insights",
     "awm": "AWM-style workflow memory: abstract workflows induced from successes, retrieved into the prompt",
     "grpo": "GRPO on the reasoner via TRL's GRPOTrainer, task score as reward (group 8, beta 0, LoRA by default)",

@@ -56,7 +56,7 @@ def evaluate(
     # Multi-turn tasks (harness/agent.py) own the episode loop and call method.generate once per turn.
     rollout = getattr(task, "rollout", None)
 
-    def generate_shard(shard: list[Example]) -> list[tuple[str, str]]:
+    def generate_shard(shard: list[Example]) -> list[tuple[str, str, dict[str, Any]]]:
         if rollout is not None:
             completions = rollout(method, shard, max_new_tokens, tokenizer)
         else:
@@ -66,20 +66,27 @@ def evaluate(
         prompts = None if rollout is not None else getattr(method, "last_prompts", None)
         if not prompts or len(prompts) != len(shard):
             prompts = [task.prompt(e, tokenizer) for e in shard]
-        return list(zip(prompts, completions, strict=True))
+        # Optional per-sample records of the last generate call (MemGen: insertion points, trigger decisions),
+        # aligned with the prompts; they travel with the pairs through map_sharded. Not for multi-turn tasks,
+        # whose generate is called once per turn.
+        records = None if rollout is not None else getattr(method, "last_records", None)
+        if not isinstance(records, list) or len(records) != len(shard):
+            records = [{} for _ in shard]
+        return list(zip(prompts, completions, records, strict=True))
 
     t0 = time.perf_counter()
     pairs = map_sharded(generate_shard, list(examples))
     seconds = time.perf_counter() - t0
-    completions = [c for _, c in pairs]
+    completions = [c for _, c, _ in pairs]
     # Tasks that execute code score a batch in parallel on their sandbox pool (same scorer, one call).
     score_many = getattr(task, "score_many", None)
     scores = score_many(completions, examples) if score_many else [task.score(c, e) for c, e in
                                                                    zip(completions, examples, strict=True)]
     samples = []
-    for e, (p, c), score in zip(examples, pairs, scores, strict=True):
-        samples.append({"id": e.id, "prompt": p, "completion": c, "extracted": task.extract(c),
-                        "gold": e.answer, "score": score})
+    for e, (p, c, rec), score in zip(examples, pairs, scores, strict=True):
+        sample = {"id": e.id, "prompt": p, "completion": c, "extracted": task.extract(c), "gold": e.answer,
+                  "score": score}
+        samples.append({**sample, **{k: v for k, v in rec.items() if k not in sample}})
     correct = sum(s["score"] for s in samples)
     n = len(samples)
     return CellResult(accuracy=100.0 * correct / max(n, 1), n=n, correct=correct, seconds=seconds), samples

@@ -126,6 +126,11 @@ def launch_commands(spec: SweepSpec, out: Path, num_processes: int, config_file:
     launcher = ["accelerate", "launch", "--num_processes", str(num_processes)]
     if config_file:
         launcher += ["--config_file", config_file]
+    elif num_processes > 1:
+        # torchrun-style data parallelism (one process per GPU; on CPU prefix ACCELERATE_USE_CPU=true, since
+        # accelerate's --cpu launcher starts a single process) and a free port, so array tasks sharing a node
+        # do not collide.
+        launcher += ["--multi_gpu", "--main_process_port", "0"]
     lines = []
     for c in cells(spec, out):
         if c.complete():

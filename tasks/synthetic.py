@@ -100,10 +100,13 @@ def choice(split: str, n_train: int = 2000, n_test: int = 300, seed: int = 0, n_
             rng.shuffle(words)
             right = next(w for w in words if w in CATEGORIES[cat])
             letter = letters[words.index(right)]
-            opts = "\n".join(f"{L}) {w}" for L, w in zip(letters, words, strict=True))
+            # Each option is written "word (letter)" so the letter can be copied right after naming the word
+            # (an induction-style lookup that a 135M model learns in a few CPU minutes); with "A) word" the
+            # model named the right word 80% of the time but mapped it to the wrong letter (version 1).
+            opts = "\n".join(f"{w} ({L})" for L, w in zip(letters, words, strict=True))
             article = "an" if cat[0] in "aeiou" else "a"
             q = f"Which of these is {article} {cat}?\n{opts}"
-            target = f"{right.capitalize()} is {article} {cat}.\nAnswer: {letter}"
+            target = f"{right} ({letter}) is {article} {cat}.\nAnswer: {letter}"
             out.append(Example(id=f"choice-{sp}-{i}", question=q, answer=letter, target=target))
         return out
 

@@ -4,10 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from harness.distributed import merge_shards, shard_indices
+from harness.distributed import SYNC_LOG_ENV, merge_shards, shard_indices
 
 
 @pytest.mark.parametrize(("n", "p"), [(5, 2), (1, 2), (0, 3), (7, 3), (8, 4)])
@@ -44,9 +45,14 @@ def test_two_process_run_matches_single_process(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "harness.cli", *args, "--num-processes", "2",
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900, env=env)
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900,
+                         env={**env, SYNC_LOG_ENV: str(tmp_path / "sync")})
     assert two.returncode == 0, two.stderr[-3000:]
     assert "accelerate.commands.launch" in two.stderr
+    # two processes really ran (``accelerate launch --cpu`` alone would start one) and sft kept them in sync
+    logs = [[json.loads(x) for x in Path(f"{tmp_path / 'sync'}.rank{r}").read_text().splitlines()] for r in (0, 1)]
+    assert [x["world"] for x in logs[0] + logs[1]] == [2] * 4  # sft after each of the 2 tasks, on each process
+    assert [x["digest"] for x in logs[0]] == [x["digest"] for x in logs[1]]
     for method in ("vanilla", "sft"):
         r1, r2 = _records(tmp_path / "one" / method), _records(tmp_path / "two" / method)
         # 3 rows x 2 tasks; vanilla never trains, so only its row 0 is generated (later rows copy it)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from memgen_reference import naive_generate, randomise_lora, strip_at_eos
 
 from harness.generation import stop_token_ids
 from harness.memgen.generation import TriggerContext, delimiter_mask, memgen_generate
@@ -20,58 +21,6 @@ def _prompts(tok, questions=QUESTIONS):
     return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def _randomise_lora(mm: MemGenModel, seed: int = 1) -> None:
-    """peft starts LoRA B at zero (adapter = no-op); make it matter so adapter on/off is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in mm.peft.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def naive_generate(mm: MemGenModel, prompt: list[int], max_new: int, insert_at, is_delim, cap: int,
-                   eos: list[int] | None = None) -> tuple:
-    """Reference: no caches anywhere; every step re-runs the whole sequence (latents included) through the
-    reasoner, and every insertion re-runs the weaver over the whole prefix. (Also timed by the benchmark.)"""
-    eos = set(stop_token_ids(mm.tokenizer) if eos is None else eos)
-    hidden_input = mm.opts.weaver_input == "hidden"
-
-    def states(seq):  # (1, L, d_r)
-        return mm.reasoner(inputs_embeds=seq, use_cache=False).last_hidden_state
-
-    def weave(seq, block):
-        src = states(seq) if hidden_input else seq
-        x = torch.cat([mm.heads.proj_in(src), block(1)], dim=1)
-        with mm.weaver_mode():
-            out = mm.weaver(inputs_embeds=x, use_cache=False).last_hidden_state
-        return mm.heads.proj_out(out[:, -block.queries.shape[0]:])
-
-    tokens, points, n = [], [0], 0
-    with torch.no_grad(), mm.reasoner_mode():
-        seq = mm.embed(torch.tensor([prompt]))  # (1, T, d_r)
-        seq = torch.cat([seq, weave(seq, mm.heads.prompt)], dim=1)
-        for step in range(max_new):
-            nxt = int(mm.lm_head(states(seq)[:, -1]).argmax(-1))
-            tokens.append(nxt)
-            if nxt in eos or step == max_new - 1:
-                break
-            seq = torch.cat([seq, mm.embed(torch.tensor([[nxt]]))], dim=1)
-            if bool(is_delim[nxt]) and n < cap and insert_at(step + 1):
-                seq = torch.cat([seq, weave(seq, mm.heads.infer)], dim=1)
-                points.append(step + 1)
-                n += 1
-    return tokens, points
-
-
-def _strip(row: torch.Tensor, eos: list[int]) -> list[int]:
-    out = []
-    for t in row.tolist():
-        out.append(t)
-        if t in eos:
-            break
-    return out
-
-
 @pytest.mark.parametrize("name", ["tiny-random", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_insertion_off_equals_model_generate(name, tiny, smollm2):
     lm = tiny() if name == "tiny-random" else smollm2()
@@ -80,7 +29,7 @@ def test_insertion_off_equals_model_generate(name, tiny, smollm2):
     ref = lm.model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop_token_ids(tok),
                             pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
     mm = MemGenModel(lm, MemGenOptions())
-    _randomise_lora(mm)  # the reasoner must ignore the (now non-trivial) adapter
+    randomise_lora(mm)  # the reasoner must ignore the (now non-trivial) adapter
     out = memgen_generate(mm, enc.input_ids, enc.attention_mask, 24, insert=False)
     assert torch.equal(out.sequences, ref)
     assert out.insertions == [[], [], []]
@@ -95,7 +44,7 @@ def _every_token(mm):
 def test_cached_equals_naive_batched_rows_insert_at_different_steps(tiny, smollm2, name, weaver_input):
     lm = tiny() if name == "tiny-random" else smollm2()
     mm = MemGenModel(lm, MemGenOptions(k_prompt=3, k_infer=2, weaver_input=weaver_input, max_insertions=4))
-    _randomise_lora(mm)
+    randomise_lora(mm)
     enc = _prompts(lm.tokenizer)
     is_delim = _every_token(mm)
     period = [3, 4, 5]  # row b inserts at steps divisible by period[b]: different rows at different steps
@@ -108,7 +57,7 @@ def test_cached_equals_naive_batched_rows_insert_at_different_steps(tiny, smollm
     for b in range(3):
         prompt = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
         tokens, points = naive_generate(mm, prompt, 20, lambda s, b=b: s % period[b] == 0, is_delim, 4)
-        assert _strip(out.sequences[b], eos) == tokens, f"row {b}"
+        assert strip_at_eos(out.sequences[b], eos) == tokens, f"row {b}"
         assert out.insertions[b] == points
     assert out.insertions[0] == [0, 3, 6, 9, 12]  # capped at 4 inference insertions
     # rows really inserted at different steps (a row that hits EOS early stops inserting; any two differing suffice)
@@ -118,13 +67,13 @@ def test_cached_equals_naive_batched_rows_insert_at_different_steps(tiny, smollm
 def test_cached_equals_naive_single_row_real_delimiters(tiny):
     lm = tiny(seed=3)
     mm = MemGenModel(lm, MemGenOptions(k_prompt=4, k_infer=4))
-    _randomise_lora(mm, seed=2)
+    randomise_lora(mm, seed=2)
     enc = _prompts(lm.tokenizer, QUESTIONS[:1])
     # The random model rarely emits ',' '.' or newline, so widen the delimiters to tokens ending in a letter 'e'.
     is_delim = delimiter_mask(lm.tokenizer, ("e", ",", ".", "\n"), mm.lm_head.weight.shape[0])
     out = memgen_generate(mm, enc.input_ids, enc.attention_mask, 30, delimiters=is_delim)
     tokens, points = naive_generate(mm, enc.input_ids[0].tolist(), 30, lambda s: True, is_delim, 5)
-    assert _strip(out.sequences[0], stop_token_ids(lm.tokenizer)) == tokens
+    assert strip_at_eos(out.sequences[0], stop_token_ids(lm.tokenizer)) == tokens
     assert out.insertions[0] == points
 
 
@@ -132,7 +81,7 @@ def test_separate_weaver_with_other_width_equals_naive(tiny):
     lm = tiny()
     small = tiny_random_model(lm.tokenizer, seed=5, hidden=32).eval()
     mm = MemGenModel(lm, MemGenOptions(k_prompt=2, k_infer=2), LoadedModel(small, lm.tokenizer, "tiny-32"))
-    _randomise_lora(mm)
+    randomise_lora(mm)
     assert mm.heads.proj_in.weight.shape == (32, 64) and mm.heads.proj_out.weight.shape == (64, 32)
     enc = _prompts(lm.tokenizer, QUESTIONS[:2])
     is_delim = _every_token(mm)
@@ -144,7 +93,7 @@ def test_separate_weaver_with_other_width_equals_naive(tiny):
     for b in range(2):
         prompt = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
         tokens, points = naive_generate(mm, prompt, 12, lambda s, b=b: s % 4 == b, is_delim, 5)
-        assert _strip(out.sequences[b], stop_token_ids(lm.tokenizer)) == tokens
+        assert strip_at_eos(out.sequences[b], stop_token_ids(lm.tokenizer)) == tokens
         assert out.insertions[b] == points
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from memgen_reference import randomise_lora
 
 from harness.config import RunConfig, TrainConfig, apply_overrides
 from harness.generation import stop_token_ids
@@ -25,14 +26,6 @@ from harness.memgen.weaver import MemGenModel
 from harness.methods import build_method
 
 QUESTIONS = ["Compute (3 + 4) * 5.", "Reverse the order of these words: apple bread chair delta eagle", "Hi"]
-
-
-def _randomise_lora(mm: MemGenModel, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in mm.peft.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_delimiter_points_hand_computed():
@@ -63,7 +56,7 @@ def test_replay_reproduces_generation_logits(tiny):
     lm = tiny()
     tok = lm.tokenizer
     mm = MemGenModel(lm, MemGenOptions(k_prompt=3, k_infer=2, max_insertions=3))
-    _randomise_lora(mm)
+    randomise_lora(mm)
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in QUESTIONS]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -65,7 +65,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     summary = json.loads((full / "sft" / "summary.json").read_text())
     assert summary["complete"] and set(summary) >= {"acc", "bwt", "fwt", "forgetting", "learning_acc", "retention"}
     meta = json.loads((full / "sft" / "meta.json").read_text())
-    assert meta["seeds"]["master"] == 3 and meta["task_versions"] == {"arith": "1", "reverse": "1", "choice": "1"}
+    assert meta["seeds"]["master"] == 3 and meta["task_versions"] == {"arith": "1", "reverse": "1", "choice": "2"}
     assert meta["packages"]["torch"] and "commit" in meta["git"]
     header = (full / "sft" / "matrix.csv").read_text().splitlines()
     assert header[0] == "after,arith,reverse,choice" and [h.split(",")[0] for h in header[1:]] == [

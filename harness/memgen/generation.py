@@ -14,13 +14,14 @@ rows mid-decoding; ``tests/test_memgen_generation.py`` checks that with insertio
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from harness.generation import stop_token_ids
+from harness.memgen.turns import prefill, turn_chunks
 from harness.memgen.weaver import MemGenModel, WovenState
 
 
@@ -55,6 +56,8 @@ class MemGenOutput:
     """(B, T_new) generated ids; after a row's EOS the rest is padding (as ``model.generate``)."""
     insertions: list[list[int]]
     """Per row, the number of generated tokens before each latent block (0 = the prompt insertion)."""
+    turn_points: list[list[int]] = field(default_factory=list)
+    """Per row, the prompt token offsets where a turn-latent block was woven in during prefill (empty: none)."""
 
 
 def delimiter_mask(tokenizer: PreTrainedTokenizerBase, delimiters: Iterable[str], vocab: int) -> torch.Tensor:
@@ -98,11 +101,16 @@ def memgen_generate(
     min_new_tokens: int = 0,
     eos_token_ids: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    turn_points: Sequence[Sequence[int]] | None = None,
+    weaver_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MemGenOutput:
     """Generate for a left-padded batch ``input_ids``/``attention_mask`` (B, T) with latents woven in.
 
     ``insert=False`` is plain decoding by the frozen reasoner. ``delimiters`` is a (V,) bool mask of candidate
     tokens (default: from ``mm.opts.delimiters``); ``temperature`` 0 is greedy, else softmax sampling.
+    ``turn_points[b]``: offsets in row b's unpadded prompt where earlier assistant turns start; a prompt-latent
+    block is woven in at each during prefill (``harness/memgen/turns.py``). ``weaver_prefix``: (B, R) weaver-token
+    ids and mask (retrieved text) the weaver reads before the reasoner's states. Both only act when inserting.
     """
     tok = mm.tokenizer
     B = input_ids.shape[0]
@@ -114,13 +122,20 @@ def memgen_generate(
     cap = mm.opts.max_insertions if max_insertions is None else max_insertions
     k_infer = mm.opts.k_infer
 
-    state = WovenState(mm)
+    # A trigger with an ``observe`` method (the LoRA trigger) reads every reasoner state fed, latents included.
+    state = WovenState(mm, w_prefix=weaver_prefix if insert else None,
+                       observer=getattr(trigger, "observe", None) if insert else None)
+    turns = insert and turn_points is not None and any(turn_points)
     points: list[list[int]] = [[] for _ in range(B)]
     n_ins = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     with mm.reasoner_mode():
-        last = state.feed(mm.embed(input_ids), attention_mask)[:, -1]  # (B, d_r)
+        if turns:
+            rows = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(B)]
+            last = prefill(state, turn_chunks(rows, turn_points, pad, device))[:, -1]  # (B, d_r)
+        else:
+            last = state.feed(mm.embed(input_ids), attention_mask)[:, -1]  # (B, d_r)
         if insert:
             lat = state.weave("prompt")  # (B, K_p, d_r)
             last = state.feed(lat, attention_mask.new_ones(lat.shape[:2]))[:, -1]
@@ -159,4 +174,5 @@ def memgen_generate(
             for b in do.nonzero().flatten().tolist():
                 points[b].append(step + 1)
     seqs = torch.stack(tokens, 1) if tokens else input_ids.new_zeros((B, 0))  # (B, T_new)
-    return MemGenOutput(sequences=seqs, insertions=points)
+    done_turns = [list(p) for p in turn_points] if turns else [[] for _ in range(B)]
+    return MemGenOutput(sequences=seqs, insertions=points, turn_points=done_turns)

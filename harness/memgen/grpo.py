@@ -26,6 +26,14 @@ from transformers import get_scheduler
 
 from harness import rl
 from harness.config import RunConfig
+from harness.distributed import (
+    all_reduce_grads,
+    all_reduce_sum,
+    check_in_sync,
+    gather_rows,
+    rank_seed,
+    rank_slice,
+)
 from harness.generation import stop_token_ids
 from harness.memgen.generation import memgen_generate
 from harness.memgen.sft import WovenBatch, build_woven_batch, woven_logprobs
@@ -171,25 +179,48 @@ def weaver_grpo_step(
     generator: torch.Generator | None = None,
     label: str = "memgen weaver grpo",
 ) -> dict[str, float]:
-    """Roll out ``group`` completions per prompt, score, normalise per group and take one weaver step."""
-    ro = sample_rollouts(mm, prompt_ids, sch.group, sch.max_new_tokens, is_delim, sch.temperature, generator)
-    rewards = torch.tensor([float(task.score(t, batch[b // sch.group])) for b, t in enumerate(ro.texts)])  # (B,)
+    """Roll out ``group`` completions per prompt, score, normalise per group and take one weaver step.
+
+    Under a launch this process rolls out and scores its ``rank_slice`` of the batch's rollouts (no collective
+    while decoding); rewards and lengths are gathered so every process computes the same advantages and loss
+    normaliser, and the weaver's gradients are summed over the processes (``harness.distributed``)."""
+    n_rows = len(prompt_ids) * sch.group
+    rows = rank_slice(n_rows)  # rollout b samples prompt b // group
+    ro = sample_rollouts(mm, [prompt_ids[b // sch.group] for b in rows], 1, sch.max_new_tokens, is_delim,
+                         sch.temperature, generator) if len(rows) else None
+    local = [] if ro is None else [(float(task.score(t, batch[b // sch.group])), len(c), len(p) - 1)
+                                   for b, t, c, p in zip(rows, ro.texts, ro.completions, ro.points, strict=True)]
+    every = gather_rows(rows, local, n_rows)  # (reward, length, insertions) of every rollout of the batch
+    rewards = torch.tensor([r for r, _, _ in every])  # (B,)
+    lengths = [n for _, n, _ in every]
     adv = rl.group_advantages(rewards, sch.group, sch.scale)  # type: ignore[arg-type]
+    # this process's share of the loss's normaliser (tokens, rows, or rows x longest completion)
+    if sch.aggregation == "token":
+        share = sum(lengths[b] for b in rows) / max(sum(lengths), 1)
+    elif sch.aggregation == "constant":
+        share = len(rows) * max((lengths[b] for b in rows), default=0) / (n_rows * max(lengths))
+    else:
+        share = len(rows) / n_rows
+    params = mm.weaver_parameters()
     mm.peft.train()
     try:
-        loss, _ = weaver_policy_loss(mm, ro, adv, sch.aggregation)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"{label}: loss became {loss.item()}; lower the lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(mm.weaver_parameters(), sch.max_grad_norm)
+        local_loss = 0.0
+        if ro is not None:
+            loss, _ = weaver_policy_loss(mm, ro, adv[rows.start:rows.stop], sch.aggregation)
+            (loss * share).backward()
+            local_loss = loss.item() * share
+        total = all_reduce_sum([local_loss])[0]  # the batch's loss, the same on every process
+        if not math.isfinite(total):
+            raise NonFiniteLossError(f"{label}: loss became {total}; lower the lr")
+        all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
         optimizer.step()
         scheduler.step()
     finally:
         mm.peft.eval()
-    return {"loss": loss.item(), "reward": float(rewards.mean()),
-            "insertions": sum(len(p) - 1 for p in ro.points) / len(ro.points),
-            "length": sum(len(c) for c in ro.completions) / len(ro.completions)}
+    return {"loss": total, "reward": float(rewards.mean()), "insertions": sum(i for _, _, i in every) / n_rows,
+            "length": sum(lengths) / n_rows}
 
 
 def train_weaver_grpo(
@@ -205,7 +236,7 @@ def train_weaver_grpo(
     opt, lr_sched = weaver_optimizer(mm, sch)
     prompts = [tok(task.prompt(e, tok), add_special_tokens=False).input_ids for e in examples]
     rng = random.Random(sch.seed)
-    gen = torch.Generator(device=mm.embed.weight.device).manual_seed(sch.seed)
+    gen = torch.Generator(device=mm.embed.weight.device).manual_seed(rank_seed(sch.seed))  # per process
     order: list[int] = []
     stats: dict[str, list[float]] = {"losses": [], "rewards": [], "insertions": []}
     t0 = time.perf_counter()
@@ -220,4 +251,5 @@ def train_weaver_grpo(
         stats["losses"].append(st["loss"])
         stats["rewards"].append(st["reward"])
         stats["insertions"].append(st["insertions"])
+    check_in_sync(mm.weaver_parameters(), label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats}

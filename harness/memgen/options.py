@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WEAVER_INPUTS = ("hidden", "embeddings")
+WEAVER_TRAIN = ("sft", "grpo", "sft+grpo")
+TRIGGERS = ("always", "trained")
+TRIGGER_MODELS = ("lora", "head")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,49 @@ class MemGenOptions:
     """Weaver learning rate; None = ``train.lr``."""
     temperature: float = 0.0
     """Sampling temperature at evaluation; 0 = greedy."""
+    # -- weaver RL and the memory trigger (issue 4) ------------------------------------------------------------
+    weaver_train: str = "sft"
+    """How the weaver learns each task: ``sft``, ``grpo`` (task scorer as reward) or ``sft+grpo`` (GRPO after SFT)."""
+    grpo_steps: int = 0
+    """Weaver GRPO steps per task (one rollout batch each); 0 = ``train.max_steps`` (or epochs over the prompts)."""
+    grpo_group: int = 8
+    """Weaver GRPO rollouts per prompt (the paper: 8)."""
+    grpo_prompts_per_step: int = 1
+    """Weaver GRPO prompts per step; a step decodes grpo_prompts_per_step * grpo_group rollouts."""
+    grpo_lr: float | None = None
+    """Weaver GRPO learning rate; None = ``lr``, else ``train.lr``."""
+    grpo_temperature: float = 1.0
+    """Sampling temperature of the weaver GRPO rollouts (the public code: 1.0)."""
+    trigger: str = "always"
+    """``always``: insert at every delimiter under the cap; ``trained``: after the weaver on each task, train the
+    trigger (weaver frozen) and let it decide at evaluation (p(insert) >= trigger_threshold)."""
+    trigger_model: str = "lora"
+    """``lora``: the shared base with its own LoRA adapter reading the reasoner's states so far (latents included),
+    2-way head on its last state; ``head``: LayerNorm + Linear on the reasoner's state at the delimiter (cheap)."""
+    trigger_steps: int = 0
+    """Trigger policy-gradient steps per task; 0 = ``train.max_steps`` (or epochs over the prompts)."""
+    trigger_group: int = 8
+    """Trigger rollouts per prompt (GRPO-style advantages per group; the paper: 8)."""
+    trigger_prompts_per_step: int = 1
+    """Trigger prompts per step; a step decodes trigger_prompts_per_step * trigger_group rollouts."""
+    trigger_lam: float = 0.1
+    """Sparsity penalty weight lambda of paper Eq. 8-9 (``../shared/MEMGEN.md``); 0 = the public code (no penalty)."""
+    trigger_lr: float | None = None
+    """Trigger learning rate; None = ``train.lr``."""
+    trigger_threshold: float = 0.5
+    """Evaluation inserts where p(insert) >= this (0.5 = argmax of the 2-way head)."""
+    # -- turn latents (issue 9) and retrieval for the weaver (issue 5) ---------------------------------------------
+    turn_latents: bool = True
+    """Multi-turn prompts (``meta["messages"]``): also weave a prompt-latent block at the start of every earlier
+    assistant turn inside the prompt (the paper); False = only at the end of the prompt."""
+    retrieval_k: int = 0
+    """Solved examples retrieved for the weaver's input at the prompt insertion; 0 = no retrieval."""
+    retrieval_backend: str = "dense"
+    """Retriever (``harness/retrieval_index.py``): ``dense`` (all-MiniLM-L6-v2 embeddings) or ``bm25`` (bm25s)."""
+    retrieval_store: str = "gold"
+    """What the store holds: ``gold`` = the train split's gold solutions of the tasks trained so far."""
+    retrieval_max_tokens: int = 256
+    """Weaver tokens of retrieved text per row (each retrieved example gets an equal share)."""
 
     def check(self) -> MemGenOptions:
         if self.weaver_input not in WEAVER_INPUTS:
@@ -54,4 +100,44 @@ class MemGenOptions:
             raise ValueError(f"memgen option delimiters must be non-empty strings, got {self.delimiters!r}")
         if self.temperature < 0:
             raise ValueError(f"memgen option temperature must be >= 0, got {self.temperature}")
+        self._check_rl()
+        self._check_context()
         return self
+
+    def _check_rl(self) -> None:
+        """Validate the weaver-RL and trigger options (one-line errors naming the option)."""
+        choices = {"weaver_train": WEAVER_TRAIN, "trigger": TRIGGERS, "trigger_model": TRIGGER_MODELS}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"memgen option {key}={getattr(self, key)!r}: use one of {', '.join(valid)}")
+        for key in ("grpo_steps", "trigger_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"memgen option {key} must be >= 0 (0 = train.max_steps), got {getattr(self, key)}")
+        for key in ("grpo_group", "grpo_prompts_per_step", "trigger_group", "trigger_prompts_per_step"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"memgen option {key} must be >= 1, got {getattr(self, key)}")
+        for key in ("grpo_lr", "trigger_lr"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"memgen option {key} must be > 0 (or null = train.lr), got {getattr(self, key)}")
+        if not self.grpo_temperature > 0:
+            raise ValueError(f"memgen option grpo_temperature must be > 0 (rollouts are sampled), "
+                             f"got {self.grpo_temperature}")
+        if not self.trigger_lam >= 0:
+            raise ValueError(f"memgen option trigger_lam must be >= 0, got {self.trigger_lam}")
+        if not 0.0 <= self.trigger_threshold <= 1.0:
+            raise ValueError(f"memgen option trigger_threshold must be in [0, 1], got {self.trigger_threshold}")
+        if self.trigger == "trained" and self.trigger_model == "lora" and self.weaver_model is not None:
+            raise ValueError("memgen option trigger_model=lora shares the reasoner's base, which needs weaver_model "
+                             "unset; set trigger_model=head with a separate weaver_model")
+
+    def _check_context(self) -> None:
+        """Validate the turn-latent and retrieval options."""
+        from harness.memgen.retrieval import RETRIEVAL_BACKENDS, RETRIEVAL_STORES
+
+        for key, valid in (("retrieval_backend", RETRIEVAL_BACKENDS), ("retrieval_store", RETRIEVAL_STORES)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"memgen option {key}={getattr(self, key)!r}: use one of {', '.join(valid)}")
+        if self.retrieval_k < 0:
+            raise ValueError(f"memgen option retrieval_k must be >= 0 (0 = off), got {self.retrieval_k}")
+        if self.retrieval_max_tokens < 1:
+            raise ValueError(f"memgen option retrieval_max_tokens must be >= 1, got {self.retrieval_max_tokens}")

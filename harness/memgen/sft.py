@@ -8,6 +8,9 @@ r-th completion segment (right-padded, masked), then the weaver produces block r
 The state predicting the first token after a latent block is the block's last latent; logits whose next slot is
 a latent are never computed. Greedy generation and this replay give the same logits (tested), which is what
 weaver RL needs to recompute log-probs.
+A multi-turn prompt is prefilled in pieces with a prompt-latent block at every earlier assistant turn start
+(``turn_points``, ``harness/memgen/turns.py``) and the weaver may first read retrieved text (``weaver_prefix``),
+exactly as in generation.
 
 ``train_weaver`` is weaver SFT: cross-entropy on target tokens only, gradients reach the weaver (LoRA, heads)
 through the frozen reasoner. A short explicit loop instead of ``transformers.Trainer``: Trainer assumes one
@@ -27,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from harness.distributed import all_reduce_grads, all_reduce_sum, check_in_sync, rank_slice
+from harness.memgen.turns import TurnChunks, prefill, turn_chunks
 from harness.memgen.weaver import MemGenModel, WovenState
 from harness.training import IGNORE_INDEX, NonFiniteLossError
 
@@ -43,6 +48,21 @@ class WovenBatch:
     prompt_ids: torch.Tensor  # (B, Lp) left-padded
     prompt_mask: torch.Tensor  # (B, Lp)
     rounds: list[WovenRound]
+    turns: TurnChunks | None = None  # the prompts cut at earlier assistant turns (None: no turn latents)
+    weaver_prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, R) retrieved-text weaver ids + mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (B, L) and mask (B, L) of ragged rows."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[b, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def delimiter_points(target: Sequence[int], is_delim: torch.Tensor, n: int) -> list[int]:
@@ -65,19 +85,20 @@ def build_woven_batch(
     k_infer: int,
     pad_id: int,
     device: torch.device | str = "cpu",
+    turn_points: Sequence[Sequence[int]] | None = None,
+    weaver_prefix: Sequence[Sequence[int]] | None = None,
+    weaver_pad_id: int | None = None,
 ) -> WovenBatch:
-    """Lay out rows for ``woven_forward``; ``points[b]`` starts with 0 and is increasing."""
+    """Lay out rows for ``woven_forward``; ``points[b]`` starts with 0 and is increasing.
+
+    ``turn_points[b]``: offsets in prompt b where earlier assistant turns start (a prompt-latent block each, as
+    ``memgen_generate``); ``weaver_prefix[b]``: weaver-token ids of retrieved text the weaver reads first."""
     B = len(prompts)
     for b, p in enumerate(points):
         if not p or p[0] != 0 or any(x >= y for x, y in zip(p, p[1:], strict=False)) or p[-1] > len(completions[b]):
             raise ValueError(f"insertion points of row {b} must start at 0, increase and stay within the completion; "
                              f"got {list(p)} for {len(completions[b])} tokens")
-    lp = max(len(p) for p in prompts)
-    prompt_ids = torch.full((B, lp), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((B, lp), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        prompt_ids[b, lp - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        prompt_mask[b, lp - len(p):] = 1
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     segs = [[list(c[s:e]) for s, e in zip(p, [*p[1:], len(c)], strict=True)] for c, p in zip(completions, points,
                                                                                              strict=True)]
     rounds = []
@@ -92,15 +113,26 @@ def build_woven_batch(
                 ids[b, : len(s[r])] = torch.tensor(s[r], dtype=torch.long)
                 mask[b, : len(s[r])] = 1
         rounds.append(WovenRound(slot_mask=slot.to(device), ids=ids.to(device), mask=mask.to(device)))
-    return WovenBatch(prompt_ids.to(device), prompt_mask.to(device), rounds)
+    turns = turn_chunks(prompts, turn_points, pad_id, device) if turn_points is not None and any(turn_points) else None
+    prefix = prefix_batch(weaver_prefix, pad_id if weaver_pad_id is None else weaver_pad_id, device)
+    return WovenBatch(prompt_ids.to(device), prompt_mask.to(device), rounds, turns, prefix)
+
+
+def prefix_batch(rows: Sequence[Sequence[int]] | None, pad_id: int,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Left-padded weaver-prefix ids and mask (B, R), or None when no row has one."""
+    return left_pad(rows, pad_id, device) if rows is not None and any(rows) else None
 
 
 def woven_forward(mm: MemGenModel, batch: WovenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicting states (N, d_r) and their target ids (N,) for every completion token of the batch."""
-    state = WovenState(mm)
+    state = WovenState(mm, w_prefix=batch.weaver_prefix)
     preds, labels = [], []
     with mm.reasoner_mode():
-        state.feed(mm.embed(batch.prompt_ids), batch.prompt_mask)
+        if batch.turns is not None:
+            prefill(state, batch.turns)
+        else:
+            state.feed(mm.embed(batch.prompt_ids), batch.prompt_mask)
         lat = state.weave("prompt")  # (B, K_p, d_r)
         for r, rnd in enumerate(batch.rounds):
             K = lat.shape[1]
@@ -126,6 +158,10 @@ def sft_loss(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
     return F.cross_entropy(mm.lm_head(h).float(), y, ignore_index=IGNORE_INDEX)
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass(frozen=True)
 class SFTSchedule:
     steps: int
@@ -145,8 +181,12 @@ def train_weaver(
     n_points: int,
     sch: SFTSchedule,
     label: str = "memgen weaver sft",
+    turn_points: Sequence[Sequence[int]] | None = None,
+    weaver_prefixes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Weaver SFT on (prompt ids, target ids incl. EOS) rows; returns the loss curve and timing."""
+    """Weaver SFT on (prompt ids, target ids incl. EOS) rows; returns the loss curve and timing.
+
+    ``turn_points`` / ``weaver_prefixes`` (one per row, optional): see ``build_woven_batch``."""
     params = mm.weaver_parameters()
     opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=sch.weight_decay)
     lr_sched = get_scheduler(sch.scheduler, opt, num_warmup_steps=int(math.ceil(sch.warmup_ratio * sch.steps)),
@@ -165,17 +205,32 @@ def train_weaver(
                 rng.shuffle(more)
                 order += more
             idx, order = order[: sch.batch_size], order[sch.batch_size :]
-            batch = build_woven_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx], [points[i] for i in idx],
-                                      mm.opts.k_prompt, mm.opts.k_infer, mm.tokenizer.pad_token_id, device)
-            loss = sft_loss(mm, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"{label}: loss became {loss.item()} at step {step}; lower the lr")
+            # Under a launch: this process's rows of the global batch, its loss weighted by its share of the
+            # batch's target tokens, gradients summed (= the single-process token mean; harness.distributed).
+            n_all = sum(len(rows[i][1]) for i in idx)
+            idx = [idx[j] for j in rank_slice(len(idx))]
+            share = sum(len(rows[i][1]) for i in idx) / max(n_all, 1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            local = 0.0
+            if idx:
+                batch = build_woven_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx],
+                                          [points[i] for i in idx], mm.opts.k_prompt, mm.opts.k_infer,
+                                          mm.tokenizer.pad_token_id, device,
+                                          turn_points=None if turn_points is None else [turn_points[i] for i in idx],
+                                          weaver_prefix=None if weaver_prefixes is None else [weaver_prefixes[i] for i in idx],
+                                          weaver_pad_id=pad_id_of(mm.weaver_tokenizer))
+                loss = sft_loss(mm, batch)
+                (loss * share).backward()
+                local = loss.item() * share
+            total = all_reduce_sum([local])[0]  # the global batch's loss, the same on every process
+            if not math.isfinite(total):
+                raise NonFiniteLossError(f"{label}: loss became {total} at step {step}; lower the lr")
+            all_reduce_grads(params)
             torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
             opt.step()
             lr_sched.step()
-            losses.append(loss.item())
+            losses.append(total)
     finally:
         mm.peft.eval()
+    check_in_sync(params, label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, "losses": losses}

@@ -11,13 +11,18 @@ of paper Eq. 8-9 (``harness.rl.sparsity_shaped_rewards``; ``lam`` = 0 is the pub
 per group (``harness.rl.group_advantages``); the loss is -A * log pi(d) over the rollout's decisions (one gradient
 step per batch, so the PPO ratio is 1), averaged per rollout then over the batch.
 
-Departure from the issue/paper: the trigger here is a head (LayerNorm + Linear(d, 2), zero-initialised so it
-starts at p = 0.5) on the reasoner's own state, not a separate LoRA-adapted LM re-reading the sequence; the states
-are recorded during decoding, so training needs no second forward pass and gradients reach only the head.
+Two trigger models (``memgen`` option ``trigger_model``):
+- ``lora`` (``TriggerLM``, ``harness/memgen/trigger_lm.py``; the issue's and the paper's trigger): its own LoRA
+  adapter on the shared base reads the reasoner's states so far, latents included, with its own KV cache during
+  decoding; training recomputes the decisions' log-probs in one forward over the recorded states.
+- ``head`` (``TriggerHead``, the cheap option): LayerNorm + Linear(d, 2), zero-initialised so it starts at p = 0.5,
+  on the reasoner's own state at the delimiter (which attends over every state so far, latents included); the
+  states are recorded during decoding, so training needs no second forward pass and gradients reach only the head.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,30 +30,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from harness import rl
+from harness.distributed import (
+    all_reduce_grads,
+    all_reduce_sum,
+    check_in_sync,
+    gather_rows,
+    rank_seed,
+    rank_slice,
+)
 from harness.generation import stop_token_ids
 from harness.memgen.generation import TriggerContext, memgen_generate
+from harness.memgen.trigger_lm import TriggerHead, TriggerLM, TriggerSession
 from harness.memgen.weaver import MemGenModel
 from harness.training import NonFiniteLossError
 from tasks.base import Example, Task
 
 POLICIES = ("sample", "threshold", "always")
-
-
-class TriggerHead(nn.Module):
-    """p(insert) from the reasoner's state at a delimiter: LayerNorm then Linear(d, 2) (0 = skip, 1 = insert)."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, 2)
-        nn.init.zeros_(self.out.weight)  # p = 0.5 everywhere at the start: maximal exploration
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(hidden.to(self.out.weight.dtype)))  # (..., 2) logits
+__all__ = ["TriggerHead", "TriggerLM", "TriggerRecorder", "TriggerSchedule", "train_trigger"]
 
 
 TRIGGER_FILE = "trigger_head.safetensors"
@@ -75,18 +75,76 @@ def load_head(folder: Path, device: torch.device | str = "cpu") -> TriggerHead:
     return head
 
 
+TRIGGER_LM_FILE = "trigger_lm.safetensors"
+
+
+def save_trigger(trigger: TriggerHead | TriggerLM, folder: Path) -> None:
+    """Write a trained trigger into ``folder``: the head, or the LoRA trigger's adapter, projection and head."""
+    from safetensors.torch import save_file
+
+    if isinstance(trigger, TriggerHead):
+        save_head(trigger, folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**{f"own.{k}": v for k, v in trigger.state_dict().items()},
+             **{f"adapter.{k}": v for k, v in trigger.adapter_state().items()}}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / TRIGGER_LM_FILE))
+
+
+def load_trigger(trigger: TriggerHead | TriggerLM, folder: Path) -> None:
+    """Load what ``save_trigger`` wrote into an existing trigger of the same kind and size."""
+    from safetensors.torch import load_file
+
+    name = TRIGGER_FILE if isinstance(trigger, TriggerHead) else TRIGGER_LM_FILE
+    if not (folder / name).exists():
+        raise FileNotFoundError(f"{folder / name} not found: the checkpoint has no trained trigger of this kind "
+                                f"(memgen option trigger_model must match the run that saved it)")
+    state = load_file(str(folder / name), device=str(next(trigger.parameters()).device))
+    if isinstance(trigger, TriggerHead):
+        trigger.load_state_dict(state)
+        return
+    trigger.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("own.")})
+    trigger.load_adapter_state({k[8:]: v for k, v in state.items() if k.startswith("adapter.")})
+
+
 @dataclass
 class TriggerRecorder:
-    """The ``trigger`` hook of ``memgen_generate``; records every decision and the state it was made on."""
+    """The ``trigger`` hook of ``memgen_generate``; records every decision and what it was made on.
 
-    head: TriggerHead | None
+    Use one recorder per ``memgen_generate`` call (the LoRA trigger's session is that batch's KV cache)."""
+
+    head: TriggerHead | TriggerLM | None
+    """The trigger model; None = always insert."""
     policy: str = "threshold"
     """sample (Bernoulli(p), training), threshold (p >= threshold, evaluation) or always (insert at every one)."""
     threshold: float = 0.5
+    """Evaluation inserts where p(insert) >= threshold."""
     generator: torch.Generator | None = None
+    """Seeds the Bernoulli samples."""
+    keep_states: bool = True
+    """Keep the head trigger's states per decision (training needs them; evaluation only counts decisions)."""
     rows: list[torch.Tensor] = field(default_factory=list)
+    """Per query, the (n,) candidate rows asked."""
     states: list[torch.Tensor] = field(default_factory=list)
+    """Per query, the (n, d) reasoner states at the delimiter (head trigger only)."""
+    slots: list[torch.Tensor] = field(default_factory=list)
+    """Per query, the (n,) slot of the delimiter in the observed state sequence (LoRA trigger only)."""
     decisions: list[torch.Tensor] = field(default_factory=list)
+    """Per query, the (n,) bool decisions."""
+    session: TriggerSession | None = None
+    """The LoRA trigger's KV cache over the reasoner states of this batch (created on the first ``observe``)."""
+
+    @property
+    def _lora(self) -> bool:
+        return isinstance(self.head, TriggerLM) and self.policy != "always"
+
+    def observe(self, states: torch.Tensor, mask: torch.Tensor) -> None:
+        """Called by ``WovenState.feed`` with every chunk (B, T, d_r) / (B, T) the reasoner is fed."""
+        if not self._lora:
+            return
+        if self.session is None:
+            self.session = TriggerSession(self.head, keep=self.policy == "sample")  # type: ignore[arg-type]
+        self.session.observe(states, mask)
 
     def __call__(self, ctx: TriggerContext) -> torch.Tensor:
         idx = ctx.candidates.nonzero().flatten()  # (n,)
@@ -94,35 +152,71 @@ class TriggerRecorder:
         if self.policy == "always" or self.head is None:
             d = torch.ones(len(idx), dtype=torch.bool, device=h.device)
         else:
-            with torch.no_grad():
-                p = torch.softmax(self.head(h).float(), -1)[:, 1]  # (n,)
+            if self._lora:
+                p_all, slot = self.session.query()  # type: ignore[union-attr]  # (B,), (B,)
+                p = p_all[idx]
+                self.slots.append(slot[idx])
+            else:
+                with torch.no_grad():
+                    p = torch.softmax(self.head(h).float(), -1)[:, 1]  # (n,)
             if self.policy == "sample":
                 d = torch.bernoulli(p, generator=self.generator).bool()
             else:
                 d = p >= self.threshold
         self.rows.append(idx)
-        self.states.append(h.clone())
+        if not self._lora and self.keep_states:
+            self.states.append(h.clone())
         self.decisions.append(d)
         out = torch.zeros_like(ctx.candidates)
         out[idx] = d
         return out
 
-    def grid(self, batch: int, d_model: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decisions laid out per rollout: states (B, J, d), decisions (B, J) and mask (B, J), J = most per row."""
-        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, dtype=torch.long)
+    def counts(self, batch: int) -> tuple[list[int], list[int]]:
+        """Per row: delimiters where the trigger was asked, and where it inserted."""
+        asked, inserted = [0] * batch, [0] * batch
+        for r, d in zip(self.rows, self.decisions, strict=True):
+            for b, x in zip(r.tolist(), d.tolist(), strict=True):
+                asked[b] += 1
+                inserted[b] += int(x)
+        return asked, inserted
+
+    def _layout(self, batch: int, values: list[torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
+        """Per-query values (n, ...) laid out per row in decoding order: (B, J, ...), J = most queries of a row."""
+        rows = torch.cat(self.rows).cpu() if self.rows else torch.zeros(0, dtype=torch.long)
         counts = torch.bincount(rows, minlength=batch) if len(rows) else torch.zeros(batch, dtype=torch.long)
-        J = max(int(counts.max()), 1)
-        states = torch.zeros(batch, J, d_model)
-        dec = torch.zeros(batch, J, dtype=torch.long)
-        mask = torch.zeros(batch, J, dtype=torch.long)
-        fill = [0] * batch
-        for r, h, d in zip(self.rows, self.states, self.decisions, strict=True):  # in decoding order
-            for k, b in enumerate(r.tolist()):
-                states[b, fill[b]] = h[k].float()
-                dec[b, fill[b]] = int(d[k])
-                mask[b, fill[b]] = 1
-                fill[b] += 1
+        out = fill.expand(batch, max(int(counts.max()), 1), *fill.shape).clone()
+        k = [0] * batch
+        for r, v in zip(self.rows, values, strict=True):
+            for j, b in enumerate(r.tolist()):
+                out[b, k[b]] = v[j]
+                k[b] += 1
+        return out
+
+    def grid(self, batch: int, d_model: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decisions laid out per rollout: states (B, J, d), decisions (B, J) and mask (B, J) (head trigger)."""
+        states = self._layout(batch, [h.float().cpu() for h in self.states], torch.zeros(d_model))
+        dec, mask = self._decisions(batch)
         return states, dec, mask
+
+    def _decisions(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dec = self._layout(batch, [d.long().cpu() for d in self.decisions], torch.tensor(0))  # (B, J)
+        mask = self._layout(batch, [torch.ones(len(r), dtype=torch.long) for r in self.rows], torch.tensor(0))
+        return dec, mask
+
+    def decision_logits(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, J, 2) of every recorded decision recomputed with gradients, decisions (B, J), mask (B, J)."""
+        dec, mask = self._decisions(batch)
+        if isinstance(self.head, TriggerHead):
+            states, _, _ = self.grid(batch, self.head.out.weight.shape[1])
+            device = self.head.out.weight.device
+            return self.head(states.to(device)).float(), dec.to(device), mask.to(device)
+        assert isinstance(self.head, TriggerLM)
+        device = self.head.proj_in.weight.device
+        if self.session is None or not self.slots:  # nothing was asked: no decision to learn from
+            return torch.zeros((*dec.shape, 2), device=device), dec.to(device), mask.to(device)
+        slots = self._layout(batch, [s.cpu() for s in self.slots], torch.tensor(0))  # (B, J); padding reads slot 0
+        states, smask = self.session.sequence()  # (B, L, d_r), (B, L)
+        return self.head.decision_logits(states, smask, slots.to(device)), dec.to(device), mask.to(device)
 
 
 @dataclass(frozen=True)
@@ -136,7 +230,7 @@ class TriggerSchedule:
     group: int = 8
     """Rollouts per prompt."""
     lr: float = 1e-3
-    """AdamW learning rate of the head."""
+    """AdamW learning rate of the trigger."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
     weight_decay: float = 0.0
@@ -173,27 +267,33 @@ def decode_with(mm: MemGenModel, rec: TriggerRecorder, prompts: Sequence[Sequenc
     return [tok.decode(s, skip_special_tokens=True) for s in out.sequences]
 
 
+def _params(trigger: TriggerHead | TriggerLM) -> list[torch.nn.Parameter]:
+    return trigger.parameters_to_train() if isinstance(trigger, TriggerLM) else list(trigger.parameters())
+
+
 def train_trigger(
     mm: MemGenModel,
-    head: TriggerHead,
+    head: TriggerHead | TriggerLM,
     task: Task,
     examples: Sequence[Example],
     is_delim: torch.Tensor,
     sch: TriggerSchedule,
     label: str = "memgen trigger",
 ) -> dict[str, Any]:
-    """Policy-gradient training of ``head`` (reasoner and weaver untouched); returns curves and timing."""
+    """Policy-gradient training of the trigger ``head`` (a ``TriggerHead`` or a ``TriggerLM``); reasoner and weaver
+    untouched. Returns the loss, mean-reward and insertion-rate curves and timing."""
     import random
 
     tok = mm.tokenizer
     prompts = [tok(task.prompt(e, tok), add_special_tokens=False).input_ids for e in examples]
-    opt = torch.optim.AdamW(head.parameters(), lr=sch.lr, weight_decay=sch.weight_decay)
+    params = _params(head)
+    opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=sch.weight_decay)
     rng = random.Random(sch.seed)
-    gen = torch.Generator(device=mm.embed.weight.device).manual_seed(sch.seed)
-    d_model = mm.lm_head.weight.shape[1]
+    gen = torch.Generator(device=mm.embed.weight.device).manual_seed(rank_seed(sch.seed))  # per process
     order: list[int] = []
     stats: dict[str, list[float]] = {"losses": [], "rewards": [], "insert_rate": []}
     t0 = time.perf_counter()
+    lora = isinstance(head, TriggerLM)
     for step in range(sch.steps):
         if len(order) < sch.prompts_per_step:
             more = list(range(len(examples)))
@@ -202,29 +302,55 @@ def train_trigger(
         idx, order = order[: sch.prompts_per_step], order[sch.prompts_per_step :]
         rec = TriggerRecorder(head, policy="sample", generator=gen)
         rows = [prompts[i] for i in idx for _ in range(sch.group)]
-        texts = decode_with(mm, rec, rows, sch.max_new_tokens, is_delim)
-        rewards = torch.tensor([float(task.score(t, examples[idx[b // sch.group]])) for b, t in enumerate(texts)])
-        states, dec, mask = rec.grid(len(rows), d_model)  # (B, J, d), (B, J), (B, J)
-        shaped = rl.sparsity_shaped_rewards(rewards, dec, mask, sch.group, sch.lam)  # (B,)
-        adv = rl.group_advantages(shaped, sch.group, sch.scale)  # type: ignore[arg-type]
-        device = head.out.weight.device
-        logp = torch.log_softmax(head(states.to(device)).float(), -1).gather(-1, dec.to(device)[..., None])[..., 0]
-        loss, _ = rl.policy_loss(logp, logp.detach(), adv.to(device), mask.to(device), aggregation="sequence")
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"{label}: loss became {loss.item()} at step {step}; lower the lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), sch.max_grad_norm)
-        opt.step()
-        stats["losses"].append(loss.item())
+        # Under a launch this process decodes its rank_slice of the rollouts (no collective while decoding); the
+        # rewards and decisions are gathered so that the sparsity penalty and advantages span whole groups, and
+        # the trigger's gradients are summed over the processes (harness.distributed).
+        mine = rank_slice(len(rows))
+        texts = decode_with(mm, rec, [rows[b] for b in mine], sch.max_new_tokens, is_delim) if len(mine) else []
+        if lora:
+            head.set_adapter_trainable(True)  # weaver-mode switches during decoding turned it off
+        try:
+            opt.zero_grad(set_to_none=True)
+            local: list[tuple[float, list[int]]] = []
+            if len(mine):
+                logits, dec_l, mask_l = rec.decision_logits(len(mine))  # (B_l, J, 2), (B_l, J), (B_l, J)
+                local = [(float(task.score(t, examples[idx[b // sch.group]])), d[m.bool()].tolist())
+                         for b, t, d, m in zip(mine, texts, dec_l.cpu(), mask_l.cpu(), strict=True)]
+            every = gather_rows(mine, local, len(rows))  # (reward, decisions) of every rollout
+            rewards = torch.tensor([r for r, _ in every])  # (B,)
+            width = max([len(d) for _, d in every] + [1])
+            dec = torch.tensor([d + [0] * (width - len(d)) for _, d in every], dtype=torch.long)  # (B, J)
+            mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for _, d in every], dtype=torch.long)
+            shaped = rl.sparsity_shaped_rewards(rewards, dec, mask, sch.group, sch.lam)  # (B,)
+            adv = rl.group_advantages(shaped, sch.group, sch.scale)  # type: ignore[arg-type]
+            local_loss = 0.0
+            if len(mine):
+                logp = torch.log_softmax(logits, -1).gather(-1, dec_l[..., None])[..., 0]  # (B_l, J)
+                loss, _ = rl.policy_loss(logp, logp.detach(), adv[mine.start:mine.stop].to(logp.device), mask_l,
+                                         aggregation="sequence")
+                share = len(mine) / len(rows)  # of the per-rollout mean over the batch
+                if loss.requires_grad:  # False only when no delimiter was queried in this process's rollouts
+                    (loss * share).backward()
+                local_loss = loss.item() * share
+            total = all_reduce_sum([local_loss])[0]
+            if not math.isfinite(total):
+                raise NonFiniteLossError(f"{label}: loss became {total} at step {step}; lower the lr")
+            if all_reduce_grads(params):  # False only when no delimiter was queried in the whole batch
+                torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
+                opt.step()
+        finally:
+            if lora:
+                head.set_adapter_trainable(False)
+        stats["losses"].append(total)
         stats["rewards"].append(float(rewards.mean()))
         stats["insert_rate"].append(float((dec * mask).sum() / mask.sum().clamp(min=1)))
+    check_in_sync(params, label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats}
 
 
 def evaluate_trigger(
     mm: MemGenModel,
-    head: TriggerHead,
+    head: TriggerHead | TriggerLM,
     task: Task,
     examples: Sequence[Example],
     is_delim: torch.Tensor,
@@ -241,8 +367,9 @@ def evaluate_trigger(
             rec = TriggerRecorder(head, policy=policy)
             texts = decode_with(mm, rec, prompts[s : s + batch_size], max_new_tokens, is_delim)
             scores += [float(task.score(t, e)) for t, e in zip(texts, examples[s : s + batch_size], strict=True)]
-            inserted += int(sum(int(d.sum()) for d in rec.decisions))
-            asked += sum(len(d) for d in rec.decisions)
+            n_asked, n_inserted = rec.counts(len(texts))
+            inserted += sum(n_inserted)
+            asked += sum(n_asked)
         out[f"accuracy_{name}"] = 100.0 * sum(scores) / max(len(scores), 1)
         out[f"insert_rate_{name}"] = inserted / max(asked, 1)
     return out

@@ -12,13 +12,15 @@ chunk fed to it may mask some rows out entirely (attention mask 0, position ids 
 the rows that insert receive latents while the others are left exactly as they were. The weaver keeps its own KV
 cache aligned slot for slot with the reasoner's: at an insertion it reads only the states added since the last
 insertion plus the K queries, and the query positions are cropped from its cache afterwards.
+With retrieval (``w_prefix``), the weaver's sequence starts with the token embeddings of the retrieved text
+(read by its first call, before the reasoner's states); the reasoner never sees it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +87,7 @@ class MemGenModel(nn.Module):
 
         self.opts = opts
         self.tokenizer = reasoner.tokenizer
+        self.weaver_tokenizer = reasoner.tokenizer if weaver is None else weaver.tokenizer  # reads retrieved text
         lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                           target_modules=list(opts.lora_targets), task_type="CAUSAL_LM")
         for p in reasoner.model.parameters():
@@ -101,6 +104,7 @@ class MemGenModel(nn.Module):
         self.weaver = _decoder(self.peft)
         self.lm_head = self.reasoner_lm.get_output_embeddings()
         self.embed = self.reasoner_lm.get_input_embeddings()
+        self.weaver_embed = self.peft.get_input_embeddings()  # = ``embed`` for the shared base (frozen, no LoRA)
         d_r = self.reasoner_lm.config.hidden_size
         d_w = self.peft.get_base_model().config.hidden_size
         weaver_base = self.peft.get_base_model()
@@ -173,6 +177,8 @@ class WovenState:
     w_mask: torch.Tensor | None = None  # (B, L_w) the part of ``mask`` the weaver has read
     w_next_pos: torch.Tensor | None = None  # (B,)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [(states (B,T,d_r), mask (B,T))]
+    w_prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, R) weaver-token ids + mask, read before anything
+    observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # sees every fed chunk: (states, mask)
 
     def feed(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the reasoner (adapter off: call inside ``mm.reasoner_mode()``) on a chunk; returns (B, T, d_r).
@@ -195,6 +201,8 @@ class WovenState:
         self.next_pos = self.next_pos + mask.sum(1)
         src = hidden if self.mm.opts.weaver_input == "hidden" else embeds
         self.pending.append((src, mask))
+        if self.observer is not None:  # e.g. the LoRA trigger (trigger_lm.py) reads every reasoner state
+            self.observer(hidden, mask)
         return hidden
 
     def weave(self, kind: str) -> torch.Tensor:
@@ -206,10 +214,14 @@ class WovenState:
         self.pending = []
         # Masked slots may hold garbage (even NaN for fully padded rows); zero them so 0-weight attention stays 0.
         states = torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype, device=states.device))
-        B, T = mask.shape
-        q = block(B)  # (B, K, d_w)
-        K = q.shape[1]
+        q = block(mask.shape[0])  # (B, K, d_w)
+        B, K = q.shape[:2]
         x = torch.cat([mm.heads.proj_in(states).to(q.dtype), q], dim=1)  # (B, T + K, d_w)
+        if self.w_prefix is not None:  # retrieved text: the weaver reads its token embeddings first (once)
+            p_ids, p_mask = self.w_prefix
+            self.w_prefix = None
+            x = torch.cat([mm.weaver_embed(p_ids).to(q.dtype), x], dim=1)  # (B, R + T + K, d_w)
+            mask = torch.cat([p_mask.to(mask.dtype), mask], dim=1)  # (B, R + T)
         qmask = mask.new_ones((B, K))
         full = torch.cat([self.w_mask, mask, qmask], dim=1)  # (B, L_w + T + K)
         pos = positions(self.w_next_pos, torch.cat([mask, qmask], dim=1))
