@@ -48,11 +48,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-tokens", type=int, default=256, help="0 skips the naive comparison")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--dtype", default="bf16", help="model dtype (bf16 = the runner's default; fp32 for exactness)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, args.dtype)
     tok = lm.tokenizer
     mm = MemGenModel(lm, MemGenOptions(k_prompt=args.k, k_infer=args.k, max_insertions=args.cap))
     task = get_task("arith")
@@ -63,7 +64,7 @@ def main() -> None:
         return torch.full_like(ctx.candidates, ctx.step % args.every == 0)
 
     print(f"model={args.model} tokens={args.tokens} K={args.k} insertions=prompt+{args.cap} every {args.every} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} dtype={args.dtype}")
     for bs in (int(b) for b in args.batches.split(",")):
         enc = tok([task.prompt(e, tok) for e in examples[:bs]], return_tensors="pt", padding=True,
                   add_special_tokens=False)
