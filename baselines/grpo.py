@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
 from harness.config import ConfigError, RunConfig, from_dict
@@ -39,7 +38,7 @@ from harness.distributed import check_in_sync, world
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.training import LossGuard, load_weights, lora_config, save_weights
+from harness.training import LossGuard, load_weights, save_weights, trainable_model
 from tasks.base import Example, Task
 
 
@@ -184,14 +183,7 @@ class GRPO:
         self.opts = parse_options(options)
         per_device_batch(self.opts, world()[1])  # the group constraint, before any evaluation runs
         self.tokenizer = model.tokenizer
-        if cfg.train.lora:
-            from peft import get_peft_model
-
-            with torch.random.fork_rng():
-                torch.manual_seed(derive_seed(cfg.seed, "grpo-lora-init"))
-                self.model = get_peft_model(model.model, lora_config(cfg.train))
-        else:
-            self.model = model.model
+        self.model = trainable_model(model.model, cfg, "grpo")
         # Extra ``transformers`` callbacks for the next trainings (benchmarks hook in here to interleave timings).
         self.callbacks: list[TrainerCallback] = []
 

@@ -56,7 +56,7 @@ from harness.distributed import (
 from harness.generation import generate_greedy, stop_token_ids
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.training import NonFiniteLossError, load_weights, lora_config, save_weights
+from harness.training import NonFiniteLossError, load_weights, save_weights, trainable_model
 from tasks.base import Example, Task
 
 
@@ -165,16 +165,9 @@ class ReinforcePP:
                               f"{n_proc}")
         self.tokenizer = model.tokenizer
         self.ref_model: Any = None
-        if cfg.train.lora:
-            from peft import get_peft_model
-
-            with torch.random.fork_rng():
-                torch.manual_seed(derive_seed(cfg.seed, "reinforce_pp-lora-init"))
-                self.model = get_peft_model(model.model, lora_config(cfg.train))
-        else:
-            self.model = model.model
-            if self.opts.kl_coef > 0:
-                self.ref_model = copy.deepcopy(model.model).eval().requires_grad_(False)
+        self.model = trainable_model(model.model, cfg, "reinforce_pp")
+        if not cfg.train.lora and self.opts.kl_coef > 0:  # with LoRA the reference is the base, adapter off
+            self.ref_model = copy.deepcopy(model.model).eval().requires_grad_(False)
 
     # -- rollouts -----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
@@ -31,11 +30,11 @@ from harness.seeding import derive_seed, set_seed
 from harness.training import (
     LossGuard,
     load_weights,
-    lora_config,
     pad_right,
     save_weights,
     steps_for,
     tokenize_prompt_target,
+    trainable_model,
     training_arguments,
 )
 from tasks.base import Example, Task
@@ -49,14 +48,7 @@ class SFT:
             raise ValueError(f"method sft takes no options (use train.*), got {sorted(options)}")
         self.cfg = cfg
         self.tokenizer = model.tokenizer
-        if cfg.train.lora:
-            from peft import get_peft_model
-
-            with torch.random.fork_rng():
-                torch.manual_seed(derive_seed(cfg.seed, "sft-lora-init"))
-                self.model = get_peft_model(model.model, lora_config(cfg.train))
-        else:
-            self.model = model.model
+        self.model = trainable_model(model.model, cfg, "sft")
 
     def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
         seed = derive_seed(self.cfg.seed, "train", stage)

@@ -129,6 +129,20 @@ ADAPTER_DIR = "adapter"
 FULL_DIR = "model"
 
 
+def trainable_model(model: Any, cfg: RunConfig, method: str) -> Any:
+    """The model a weight-training baseline updates: a fresh LoRA adapter (``train.lora``, initialised from a seed
+    derived from (master seed, ``method``) without touching the global RNG) or the full model itself."""
+    if not cfg.train.lora:
+        return model
+    from peft import get_peft_model
+
+    from harness.seeding import derive_seed
+
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(cfg.seed, f"{method}-lora-init"))
+        return get_peft_model(model, lora_config(cfg.train))
+
+
 def save_weights(model: Any, path: Path, lora: bool) -> None:
     """A method's trained weights: the peft adapter (LoRA) or the full model, under ``path``."""
     path.mkdir(parents=True, exist_ok=True)
