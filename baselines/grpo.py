@@ -18,8 +18,8 @@ Departures from the paper's GRPO (and from the MemGen paper's GRPO baseline):
 - Under ``accelerate launch`` TRL runs DDP itself (generation and rewards per process, seeds per device); a step
   still trains on ``prompts_per_step * num_generations`` completions in all, split over the processes, so that
   number must divide by the number of processes (checked up front, with TRL's own constraint that the global
-  batch divides by ``num_generations``). Verified with 2 gloo processes on CPU (identical LoRA weights on both);
-  ZeRO/FSDP configs are untested.
+  batch divides by ``num_generations``). Verified with 2 gloo processes on CPU (identical LoRA weights on both),
+  also under FSDP2 and DeepSpeed ZeRO-2 (weights gathered after each task: ``harness/sharded.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from harness.distributed import check_in_sync, world
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
+from harness.sharded import gather_weights, shard_weights, trainer_device_kwargs
 from harness.training import LossGuard, load_weights, save_weights, trainable_model
 from tasks.base import Example, Task
 
@@ -129,7 +130,7 @@ def grpo_config(cfg: RunConfig, opts: GRPOOptions, seed: int, max_steps: int, ma
         report_to="none",
         seed=seed,
         data_seed=seed,
-        use_cpu=cfg.device == "cpu",
+        **trainer_device_kwargs(cfg.device),
         bf16=cfg.dtype == "bf16" and cfg.device != "cpu",
         gradient_checkpointing=False,  # small models; checkpointing only slows CPU runs down
         disable_tqdm=True,
@@ -195,12 +196,14 @@ class GRPO:
         budget = self.opts.max_completion_length or task.max_new_tokens
         prompts = [task.prompt(e, self.tokenizer) for e in examples]
         guard, rewards = LossGuard(f"grpo on {task.name}"), RewardLog()
+        shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: the Trainer's optimizer must see the shards
         trainer = build_trainer(self.model, self.tokenizer, prompts, task_reward(task, examples),
                                 grpo_config(self.cfg, self.opts, seed, steps, budget),
                                 [guard, rewards, *self.callbacks])
         self.model.train()
         t0 = time.perf_counter()
         trainer.train()
+        gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         if "ref" in getattr(self.model, "peft_config", {}):
             # TRL adds a frozen copy of the adapter as the KL reference when beta > 0; it belongs to this task only.
             self.model.delete_adapter("ref")

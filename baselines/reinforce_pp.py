@@ -16,7 +16,10 @@ Differences from OpenRLHF:
   seed, the rewards are gathered (the ``baseline`` group mean spans processes), the returns are whitened over the
   global batch of tokens (all-reduced), and the model is wrapped in DDP by ``accelerate`` with each process's loss
   rescaled so that the averaged gradient is that of the global loss (exactly the single-process aggregation).
-  Verified with 2 gloo processes on CPU (identical LoRA weights on both); ZeRO/FSDP configs are untested.
+  Verified with 2 gloo processes on CPU (identical LoRA weights on both). Under an FSDP2 config the model and its
+  optimizer are sharded by ``accelerate.prepare`` instead (``harness.sharded.fsdp_prepare``), and each step gathers
+  the weights for the rollouts (whose lengths differ per process) and re-shards them for the update (verified
+  likewise). DeepSpeed is refused: this loop (``loss.backward``, clipping, ``optimizer.step``) has no engine.
 - LoRA (peft) by default; the reference policy is then the base model with the adapter disabled, i.e. the model
   before any training of the whole continual sequence (OpenRLHF's reference is the initial model too). With
   ``train.lora=false`` a frozen copy of the initial model is kept.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -56,6 +60,7 @@ from harness.distributed import (
 from harness.generation import generate_greedy, stop_token_ids
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
+from harness.sharded import fsdp_prepare, gather_weights, shard_weights
 from harness.training import NonFiniteLossError, load_weights, save_weights, trainable_model
 from tasks.base import Example, Task
 
@@ -163,6 +168,10 @@ class ReinforcePP:
             raise ConfigError(f"method_options.reinforce_pp: prompts_per_step * samples_per_prompt = {rollouts} "
                               f"rollouts per step do not divide over {n_proc} processes; make it a multiple of "
                               f"{n_proc}")
+        if n_proc > 1 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            # its own training loop (loss.backward, clip, optimizer.step) has no DeepSpeed engine to step
+            raise ConfigError("reinforce_pp does not support DeepSpeed; launch it with a DDP or FSDP config "
+                              "(configs/accelerate/ddp.yaml, fsdp.yaml)")
         self.tokenizer = model.tokenizer
         self.ref_model: Any = None
         self.model = trainable_model(model.model, cfg, "reinforce_pp")
@@ -182,7 +191,7 @@ class ReinforcePP:
         self.model.eval()
         out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=self.opts.temperature,
                                   top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                  pad_token_id=tok.pad_token_id)  # (B, P + C)
+                                  pad_token_id=tok.pad_token_id, synced_gpus=False)  # (B, P + C) see generate_greedy
         comp = out[:, ids.shape[1]:]  # (B, C)
         cmask = completion_mask(comp, stops)
         texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(comp, cmask, strict=True)]
@@ -207,6 +216,7 @@ class ReinforcePP:
         n_rows = len(batch) * o.samples_per_prompt
         rows = rank_slice(n_rows)  # rollout b is sample b % S of prompt b // S
         examples = [batch[b // o.samples_per_prompt] for b in rows]
+        gather_weights(self.model)  # FSDP2/ZeRO-3: rollouts differ in length per process: no collectives inside
         r = self.rollout([task.prompt(e, self.tokenizer) for e in examples], 1, budget)
         local = [float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)]
         rewards = torch.tensor(gather_rows(rows, local, n_rows))  # (B,) the global batch's rewards
@@ -225,6 +235,7 @@ class ReinforcePP:
         n_proc = world()[1]
         n_tok, n_tok_all = float(mask.sum()), all_reduce_sum([float(mask.sum())])[0]
         share = n_tok / max(n_tok_all, 1.0) if o.loss_aggregation == "token" else len(rows) / n_rows
+        shard_weights(self.model)  # FSDP2/ZeRO-3: train on the shards the optimizer holds
         model = ddp_model(self.model)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -261,7 +272,9 @@ class ReinforcePP:
         t, o = self.cfg.train, self.opts
         steps = t.max_steps or max(1, round(t.epochs * len(examples) / o.prompts_per_step))
         budget = o.max_completion_length or task.max_new_tokens
+        shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: back to the shards before building the optimizer
         optimizer, scheduler = self.optimizer(steps)
+        optimizer = fsdp_prepare(self.model, optimizer)  # FSDP2: shard the model and its optimizer (else no-op)
         batches = prompt_batches(len(examples), o.prompts_per_step, random.Random(seed))
         history: dict[str, list[float]] = {}
         t0 = time.perf_counter()
@@ -269,6 +282,7 @@ class ReinforcePP:
             batch = [examples[i] for i in next(batches)]
             for k, v in self.train_step(task, batch, optimizer, scheduler, budget).items():
                 history.setdefault(k, []).append(v)
+        gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"reinforce_pp on {task.name}")
         return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": history.get("loss", []),
                 "rewards": history.get("reward", []), "kl": history.get("kl", []),

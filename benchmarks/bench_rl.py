@@ -81,6 +81,32 @@ class Interleave(TrainerCallback):
                   f"{float(logs['reward']):.3f} len {float(logs['completions/mean_length']):.1f}", flush=True)
 
 
+def plot_rewards(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """Per-step mean reward of each method with a 5-step moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
+    for name, ys in curves.items():
+        if not ys:
+            continue
+        x = np.arange(1, len(ys) + 1)
+        line, = ax.plot(x, ys, alpha=0.35, lw=1)
+        w = min(5, len(ys))
+        ax.plot(x[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), color=line.get_color(), lw=2,
+                label=f"{name} ({w}-step mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the step's rollouts")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def halves(xs: list[float]) -> tuple[float, float]:
     h = len(xs) // 2
     return statistics.fmean(xs[:h]), statistics.fmean(xs[h:])
@@ -167,6 +193,10 @@ def main() -> None:
                                      "rpp_seconds": r_sec, "grpo_rewards": g_rew, "rpp_rewards": r_rew,
                                      "grpo_logs": hook.grpo_logs, "rpp_stats": hook.rpp_stats,
                                      "memgen_seconds": hook.mg_seconds, "memgen_stats": hook.mg_stats}, indent=1))
+        plot_rewards({"TRL GRPO": g_rew, "REINFORCE++": r_rew, "MemGen weaver GRPO": [s["reward"] for s in
+                                                                                     hook.mg_stats]},
+                     a.out.with_suffix(".png"), f"{a.model} on {a.task}: group {a.group} x {a.prompts} prompts, "
+                     f"lr {a.lr}")
 
 
 if __name__ == "__main__":

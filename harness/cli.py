@@ -313,6 +313,31 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command("trigger-ablation")
+def trigger_ablation_cmd(
+    run_dir: Path = typer.Argument(..., help="A memgen run directory made with method_options.memgen.trigger=trained."),
+    all_tasks: bool = typer.Option(False, "--all-tasks", help="Every task after every stage, not only the diagonal."),
+    out: Path = typer.Option(None, "--out", "-o", help="Also write the table here (.csv, .md or .json)."),
+) -> None:
+    """Accuracy and insertion rate per task: the trained trigger vs always-insert, with the same weaver."""
+    from harness.analysis.trigger_ablation import trigger_ablation
+    from harness.store import atomic_write_text
+
+    def show(r: dict[str, Any]) -> None:
+        console.print(f"  after {r['learned']}, {r['task']}: trigger {r['trigger_acc']:.1f}% (rate "
+                      f"{r['trigger_rate']:.1f}%) vs always {r['always_acc']:.1f}%")
+
+    try:
+        df = trigger_ablation(run_dir, all_tasks, on_row=show)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    text = df.to_markdown(index=False, floatfmt=".2f")
+    print(text)
+    if out is not None:
+        body = {".csv": df.to_csv(index=False), ".json": df.to_json(orient="records", indent=1)}.get(out.suffix, text)
+        atomic_write_text(out, body + "\n")
+
+
 @app.command()
 def transfer(
     sequence: str = typer.Option(None, help="Tasks to cross (named sequence or 'a,b,c'; default: quick)."),

@@ -8,10 +8,10 @@ scored exactly once, whatever N), and only the main process writes files. Traini
 trainable gradients by hand (``all_reduce_grads``); every method checks after each task that its trainable weights
 are bit-identical on all processes (``check_in_sync``).
 
-Verified here: every method under 2 CPU processes with gloo (``tests/test_distributed*.py``). Not verified here
-(no GPU, no deepspeed installed): NCCL on GPUs and the DeepSpeed ZeRO-2/3 and FSDP configs of
-``configs/accelerate/``; the hand-summed MemGen gradients and ``reinforce_pp``'s ``ddp_model`` assume plain data
-parallelism (full parameters on every process), so ZeRO-3/FSDP would need more work for them.
+Verified here: every method under 2 CPU processes with gloo (``tests/test_distributed*.py``), and sft, grpo and
+reinforce_pp under FSDP2 and sft and grpo under DeepSpeed ZeRO-2 (``harness/sharded.py``, which also holds the
+CPU work-arounds ``state`` applies for them). ZeRO-3 and FSDP1 are refused. Not verified here (no GPU): NCCL; the
+hand-summed MemGen gradients and ``ddp_model`` assume plain data parallelism (full parameters on every process).
 
 On CPU, accelerate 1.x's ``accelerate launch --cpu --num_processes N`` starts ONE process unless given an MPI
 hostfile; ``memgen-bench run --num-processes N`` therefore launches with ``--multi_gpu`` (torchrun) and
@@ -57,6 +57,21 @@ def _use_cpu() -> bool:
 def state():
     from accelerate import PartialState
 
+    from harness.sharded import check_supported, deepspeed_on_cpu, fsdp_on_cpu, honour_fsdp_on_cpu
+
+    if launched():
+        check_supported()  # ZeRO-3 / FSDP1: a one-line error before any work
+    if deepspeed_on_cpu():
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            from harness.config import ConfigError
+
+            raise ConfigError("DeepSpeed on CPU: launch without ACCELERATE_USE_CPU (accelerate ignores DeepSpeed in "
+                              "a CPU launch; see configs/accelerate/zero2_cpu.yaml)")
+        # accelerate 1.15 only initialises DeepSpeed when not told cpu=True (AcceleratorState: ``... and not cpu``);
+        # an explicit gloo backend makes it form the process group through deepspeed.comm on a CUDA-less machine.
+        return PartialState(backend="gloo")
+    if fsdp_on_cpu():
+        honour_fsdp_on_cpu()
     # PartialState only forms a CPU (gloo) process group when told cpu=True; without it every CPU process of a
     # launch would believe it is alone (the Accelerator reads ACCELERATE_USE_CPU itself, PartialState does not).
     return PartialState(cpu=_use_cpu())
@@ -212,7 +227,8 @@ def weights_digest(params: Sequence[Any]) -> str:
 
     h = hashlib.sha256()
     for p in params:
-        h.update(p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        # A copy: ``.numpy()`` makes a tensor's storage non-resizable, and FSDP2 frees unsharded storage by resizing
+        h.update(p.detach().cpu().clone().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -222,8 +238,8 @@ SYNC_LOG_ENV = "MEMGEN_BENCH_SYNC_LOG"
 def check_in_sync(params: Sequence[Any], label: str) -> str:
     """Raise if the trainable ``params`` differ between processes (they must be bit-identical after
     data-parallel training); returns this process's digest. With ``$MEMGEN_BENCH_SYNC_LOG`` set, every process
-    also appends ``{"label", "rank", "world", "digest"}`` as a JSON line to ``<that path>.rank<r>`` (the tests
-    read it). In a single process without the log it does nothing and returns ""."""
+    also appends ``{"label", "rank", "world", "digest", "sharding"}`` as a JSON line to ``<that path>.rank<r>``
+    (the tests read it). In a single process without the log it does nothing and returns ""."""
     rank, n_proc = world()
     path = os.environ.get(SYNC_LOG_ENV)
     if n_proc == 1 and not path:
@@ -232,8 +248,11 @@ def check_in_sync(params: Sequence[Any], label: str) -> str:
     if path:
         import json
 
+        from harness.sharded import sharding
+
         with open(f"{path}.rank{rank}", "a") as f:
-            f.write(json.dumps({"label": label, "rank": rank, "world": n_proc, "digest": digest}) + "\n")
+            f.write(json.dumps({"label": label, "rank": rank, "world": n_proc, "digest": digest,
+                                "sharding": sharding()}) + "\n")
     if n_proc > 1:
         from accelerate.utils import gather_object
 
@@ -253,7 +272,9 @@ def ddp_model(model: Any) -> Any:
 
     DDP averages gradients over the processes during ``backward``; ``generate``, reference forwards and
     checkpoints keep using ``model`` itself (it shares the parameters)."""
-    if not launched():
+    from harness.sharded import fsdp_sharded
+
+    if not launched() or fsdp_sharded(model):  # FSDP2 shards the model in place (``harness.sharded.fsdp_prepare``)
         return model
     if id(model) not in _DDP:
         from accelerate import Accelerator

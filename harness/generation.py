@@ -51,6 +51,10 @@ def generate_greedy(
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            # transformers turns this on for FSDP/ZeRO-3 models (every process decodes until all are done); our
+            # processes generate their own shards with whole weights (harness.sharded.gather_weights), and the
+            # lock-step would hang when they make different numbers of generate calls.
+            synced_gpus=False,
         )  # (B, T_prompt + T_new)
         new = gen[:, enc["input_ids"].shape[1] :]
         for row, i in enumerate(idx):

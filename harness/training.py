@@ -79,6 +79,7 @@ def per_device_batch(batch_size: int, n_proc: int) -> int:
 
 def training_arguments(cfg: RunConfig, seed: int, max_steps: int, **extra: Any) -> TrainingArguments:
     from harness.distributed import world
+    from harness.sharded import trainer_device_kwargs
 
     t = cfg.train
     return TrainingArguments(
@@ -96,7 +97,7 @@ def training_arguments(cfg: RunConfig, seed: int, max_steps: int, **extra: Any) 
         report_to="none",
         seed=seed,
         data_seed=seed,
-        use_cpu=cfg.device == "cpu",
+        **trainer_device_kwargs(cfg.device),
         bf16=cfg.dtype == "bf16" and cfg.device != "cpu",
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -145,8 +146,15 @@ def trainable_model(model: Any, cfg: RunConfig, method: str) -> Any:
 
 def save_weights(model: Any, path: Path, lora: bool) -> None:
     """A method's trained weights: the peft adapter (LoRA) or the full model, under ``path``."""
+    from harness.sharded import fsdp_sharded
+
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path / (ADAPTER_DIR if lora else FULL_DIR))
+    extra: dict[str, Any] = {}
+    if fsdp_sharded(model):
+        # FSDP2 (gathered after training, see harness.sharded.gather_weights): ``state_dict()`` would swap the
+        # shards back in on this (main) process alone, so hand save_pretrained the whole tensors themselves.
+        extra["state_dict"] = {**dict(model.named_buffers()), **{n: p.detach() for n, p in model.named_parameters()}}
+    model.save_pretrained(path / (ADAPTER_DIR if lora else FULL_DIR), **extra)
 
 
 def load_weights(model: Any, path: Path, lora: bool) -> None:

@@ -219,6 +219,28 @@ def test_rl_runs_through_the_cli_eval_and_plots(tmp_path, setting):
     rep = cli("report", str(out), "--ci", "--plots", "--out", str(tmp_path / "report"))
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert (tmp_path / "report" / "plots" / "trigger_rate.png").exists()
+    if "trigger=trained" in setting:
+        _check_trigger_ablation(run, tmp_path / "ablation.json")
+
+
+def _check_trigger_ablation(run, path):
+    """`trigger-ablation` re-evaluates each stage's checkpoint: its trigger column reproduces the run's diagonal
+    cells and insertion rates; its always column inserts at every delimiter asked."""
+    r = cli("trigger-ablation", str(run), "--out", str(path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(path.read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert [x["task"] for x in rows] == summary["tasks"]
+    for i, x in enumerate(rows, start=1):
+        assert x["trigger_acc"] == pytest.approx(summary["matrix"][i][i - 1])
+        samples = _samples(run / "samples" / f"r{i}_{x['task']}.jsonl")
+        asked = sum(s["trigger_queried"] for s in samples)
+        assert x["trigger_ins_per_sample"] == pytest.approx(sum(s["trigger_inserted"] for s in samples) / len(samples))
+        if asked:
+            assert x["trigger_rate"] == pytest.approx(100 * sum(s["trigger_inserted"] for s in samples) / asked)
+        assert x["always_rate"] == pytest.approx(100.0)
+    bad = cli("trigger-ablation", str(run.parent / "nope"))
+    assert bad.returncode != 0 and "not a run directory" in bad.stderr
 
 
 def test_sharded_evaluation_keeps_records_with_their_samples(monkeypatch):
