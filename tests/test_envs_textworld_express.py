@@ -101,7 +101,9 @@ def one_thread():
 
 @pytest.mark.slow
 def test_rollout_with_a_real_model_and_the_runner(tiny, tmp_path, monkeypatch, one_thread):
-    """Vanilla, SFT and MemGen (tiny model) play real episodes through the runner; samples hold trajectories."""
+    """Vanilla, SFT, MemGen and both RL baselines (tiny model) play real episodes through the runner; samples hold
+    trajectories. RL trains on the expert-turn examples with the environment's outcome as reward (``score``
+    replays the expert's earlier replies, then the sampled one)."""
     from harness.runner import run_method
 
     d = definitions()["textworld_express"]
@@ -115,9 +117,12 @@ def test_rollout_with_a_real_model_and_the_runner(tiny, tmp_path, monkeypatch, o
     (defs / "twx_smoke.yaml").write_text(yaml.safe_dump({k: v for k, v in small.items() if v not in (None, {}, "")}))
     monkeypatch.setenv("MEMGEN_BENCH_TASKS", str(defs))
     assert get_task("twx_smoke").options.max_turns == 2
-    for method in ("vanilla", "sft", "memgen"):
+    rl = {"grpo": {"num_generations": 2, "max_completion_length": 6},
+          "reinforce_pp": {"samples_per_prompt": 2, "max_completion_length": 6}}
+    for method in ("vanilla", "sft", "memgen", "grpo", "reinforce_pp"):
         cfg = RunConfig(sequence="twx_smoke", methods=(method,), model="tiny-random", limit=2, out=str(tmp_path),
-                        train=TrainConfig(max_steps=2, batch_size=2), eval=EvalConfig(max_new_tokens=6))
+                        train=TrainConfig(max_steps=2, batch_size=2), eval=EvalConfig(max_new_tokens=6),
+                        method_options=rl)
         summary = run_method(method, cfg, tmp_path / method, model=tiny())
         assert summary["complete"] and all(v in (0.0, 50.0, 100.0) for row in summary["matrix"] for v in row)
         samples = [json.loads(x) for x in (tmp_path / method / "samples" / "r0_twx_smoke.jsonl").read_text().splitlines()]
@@ -128,3 +133,6 @@ def test_rollout_with_a_real_model_and_the_runner(tiny, tmp_path, monkeypatch, o
             assert s["score"] == float(traj["success"])
     train = json.loads((tmp_path / "sft" / "train" / "stage1.json").read_text())
     assert len(train["losses"]) == 2 and all(x > 0 for x in train["losses"])
+    for method in rl:
+        train = json.loads((tmp_path / method / "train" / "stage1.json").read_text())
+        assert len(train["rewards"]) == 2 and all(0.0 <= r <= 1.0 for r in train["rewards"])
