@@ -19,7 +19,7 @@ Departures from the paper's GRPO (and from the MemGen paper's GRPO baseline):
   still trains on ``prompts_per_step * num_generations`` completions in all, split over the processes, so that
   number must divide by the number of processes (checked up front, with TRL's own constraint that the global
   batch divides by ``num_generations``). Verified with 2 gloo processes on CPU (identical LoRA weights on both),
-  also under FSDP2 and DeepSpeed ZeRO-2 (weights gathered after each task: ``harness/sharded.py``).
+  also under FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3 (weights gathered after each task: ``harness/sharded.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from harness.distributed import check_in_sync, world
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.sharded import gather_weights, shard_weights, trainer_device_kwargs
+from harness.sharded import gather_weights, release_engine, shard_weights, trainer_device_kwargs
 from harness.training import LossGuard, load_weights, save_weights, trainable_model
 from tasks.base import Example, Task
 
@@ -203,6 +203,7 @@ class GRPO:
         self.model.train()
         t0 = time.perf_counter()
         trainer.train()
+        release_engine(trainer.accelerator)  # DeepSpeed: its hooks off the model (ZeRO-3 gathers in them)
         gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         if "ref" in getattr(self.model, "peft_config", {}):
             # TRL adds a frozen copy of the adapter as the KL reference when beta > 0; it belongs to this task only.

@@ -19,7 +19,9 @@ Differences from OpenRLHF:
   Verified with 2 gloo processes on CPU (identical LoRA weights on both). Under an FSDP2 config the model and its
   optimizer are sharded by ``accelerate.prepare`` instead (``harness.sharded.fsdp_prepare``), and each step gathers
   the weights for the rollouts (whose lengths differ per process) and re-shards them for the update (verified
-  likewise). DeepSpeed is refused: this loop (``loss.backward``, clipping, ``optimizer.step``) has no engine.
+  likewise). Under a DeepSpeed config (ZeRO-2/3) ``accelerate.prepare`` makes an engine that takes the backward and
+  the step (clipping included); under ZeRO-3 the rollouts run on weights gathered with the engine's hooks removed
+  (``harness.sharded.whole_weights``, as TRL does for its own rollouts).
 - LoRA (peft) by default; the reference policy is then the base model with the adapter disabled, i.e. the model
   before any training of the whole continual sequence (OpenRLHF's reference is the initial model too). With
   ``train.lora=false`` a frozen copy of the initial model is kept.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,14 @@ from harness.distributed import (
 from harness.generation import generate_greedy, stop_token_ids
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.sharded import fsdp_prepare, gather_weights, shard_weights
+from harness.sharded import (
+    deepspeed_prepare,
+    fsdp_prepare,
+    gather_weights,
+    release_engine,
+    shard_weights,
+    whole_weights,
+)
 from harness.training import NonFiniteLossError, load_weights, save_weights, trainable_model
 from tasks.base import Example, Task
 
@@ -168,12 +176,9 @@ class ReinforcePP:
             raise ConfigError(f"method_options.reinforce_pp: prompts_per_step * samples_per_prompt = {rollouts} "
                               f"rollouts per step do not divide over {n_proc} processes; make it a multiple of "
                               f"{n_proc}")
-        if n_proc > 1 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            # its own training loop (loss.backward, clip, optimizer.step) has no DeepSpeed engine to step
-            raise ConfigError("reinforce_pp does not support DeepSpeed; launch it with a DDP or FSDP config "
-                              "(configs/accelerate/ddp.yaml, fsdp.yaml)")
         self.tokenizer = model.tokenizer
         self.ref_model: Any = None
+        self.engine: Any = None  # the DeepSpeed engine while a task trains under a DeepSpeed launch
         self.model = trainable_model(model.model, cfg, "reinforce_pp")
         if not cfg.train.lora and self.opts.kl_coef > 0:  # with LoRA the reference is the base, adapter off
             self.ref_model = copy.deepcopy(model.model).eval().requires_grad_(False)
@@ -216,17 +221,18 @@ class ReinforcePP:
         n_rows = len(batch) * o.samples_per_prompt
         rows = rank_slice(n_rows)  # rollout b is sample b % S of prompt b // S
         examples = [batch[b // o.samples_per_prompt] for b in rows]
-        gather_weights(self.model)  # FSDP2/ZeRO-3: rollouts differ in length per process: no collectives inside
-        r = self.rollout([task.prompt(e, self.tokenizer) for e in examples], 1, budget)
-        local = [float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)]
+        # FSDP2/ZeRO-3: rollouts differ in length per process: whole weights, no collectives inside
+        with whole_weights(self.model, self.engine):
+            r = self.rollout([task.prompt(e, self.tokenizer) for e in examples], 1, budget)
+            local = [float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)]
+            mask = r.completion_mask
+            with torch.no_grad():
+                old = self._logps(self.model, r)  # (B_local, C)
+                kl = rl.approx_kl(old, self.reference_logps(r), mask, o.kl_estimator) if o.kl_coef > 0 else None
         rewards = torch.tensor(gather_rows(rows, local, n_rows))  # (B,) the global batch's rewards
         r_adv = rewards  # the baseline variant subtracts each prompt's group mean (groups may span processes)
         if o.variant == "baseline":
             r_adv = rewards - rewards.view(-1, o.samples_per_prompt).mean(1).repeat_interleave(o.samples_per_prompt)
-        mask = r.completion_mask
-        with torch.no_grad():
-            old = self._logps(self.model, r)  # (B_local, C)
-            kl = rl.approx_kl(old, self.reference_logps(r), mask, o.kl_estimator) if o.kl_coef > 0 else None
         # returns whitened over the global batch's tokens (all-reduced inside)
         adv, _ = rl.reinforce_pp_advantages(r_adv[rows.start:rows.stop].to(mask.device), mask, kl, o.kl_coef,
                                             o.gamma)
@@ -235,8 +241,7 @@ class ReinforcePP:
         n_proc = world()[1]
         n_tok, n_tok_all = float(mask.sum()), all_reduce_sum([float(mask.sum())])[0]
         share = n_tok / max(n_tok_all, 1.0) if o.loss_aggregation == "token" else len(rows) / n_rows
-        shard_weights(self.model)  # FSDP2/ZeRO-3: train on the shards the optimizer holds
-        model = ddp_model(self.model)
+        model = self.engine or ddp_model(self.model)  # DeepSpeed's engine averages gradients as DDP does
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(o.ppo_epochs):
@@ -245,6 +250,10 @@ class ReinforcePP:
             if all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops alike
                 raise NonFiniteLossError(f"reinforce_pp on {task.name}: loss became non-finite ({loss.item()} here); "
                                          f"lower train.lr")
+            if self.engine is not None:
+                self.engine.backward(loss * (share * n_proc))
+                self.engine.step()  # clips to train.max_grad_norm, steps and zeroes the gradients
+                continue
             optimizer.zero_grad(set_to_none=True)
             (loss * (share * n_proc)).backward()
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
@@ -275,6 +284,8 @@ class ReinforcePP:
         shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: back to the shards before building the optimizer
         optimizer, scheduler = self.optimizer(steps)
         optimizer = fsdp_prepare(self.model, optimizer)  # FSDP2: shard the model and its optimizer (else no-op)
+        accelerator, self.engine = deepspeed_prepare(self.model, optimizer, o.prompts_per_step * o.samples_per_prompt
+                                                     // world()[1], t.max_grad_norm)  # DeepSpeed (else None)
         batches = prompt_batches(len(examples), o.prompts_per_step, random.Random(seed))
         history: dict[str, list[float]] = {}
         t0 = time.perf_counter()
@@ -282,6 +293,8 @@ class ReinforcePP:
             batch = [examples[i] for i in next(batches)]
             for k, v in self.train_step(task, batch, optimizer, scheduler, budget).items():
                 history.setdefault(k, []).append(v)
+        release_engine(accelerator)  # DeepSpeed: its hooks off the model (ZeRO-3 gathers in them)
+        self.engine = None
         gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"reinforce_pp on {task.name}")
         return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": history.get("loss", []),

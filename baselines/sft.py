@@ -9,7 +9,7 @@ Departures from the paper's SFT baseline (MemGen, arXiv 2509.24704, Sec. 5):
 - Under ``accelerate launch`` the Trainer runs DDP: ``train.batch_size`` is the global batch, split over the
   processes; each process's loss is its own token mean, so the averaged gradient differs slightly from the
   single-process token mean when the processes' target lengths differ. Verified with 2 gloo processes on CPU
-  (identical weights on every process, checked after each task), also under FSDP2 and DeepSpeed ZeRO-2
+  (identical weights on every process, checked after each task), also under FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3
   (``harness/sharded.py``: after each task every process gathers the sharded weights and keeps them whole, so that
   the sharded evaluation, the main process's checkpoint and the sync check see full weights).
 """
@@ -29,7 +29,7 @@ from harness.distributed import check_in_sync
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
-from harness.sharded import gather_weights, shard_weights
+from harness.sharded import gather_weights, release_engine, shard_weights
 from harness.training import (
     LossGuard,
     load_weights,
@@ -75,6 +75,7 @@ class SFT:
         self.model.train()
         t0 = time.perf_counter()
         trainer.train()
+        release_engine(trainer.accelerator)  # DeepSpeed: its hooks off the model (ZeRO-3 gathers in them)
         gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         self.model.eval()
         check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"sft on {task.name}")

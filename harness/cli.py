@@ -17,6 +17,7 @@ from rich.table import Table
 from harness.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
 from harness.errors import ModelLoadError, NonFiniteLossError
 from harness.methods import METHOD_DESCRIPTIONS, check_methods, method_names
+from harness.sharded import SHARDING_METHODS, unsharded_methods
 from tasks.base import TaskError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Continual-learning benchmark harness: MemGen "
@@ -83,6 +84,8 @@ def run(
     overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. train.lr=1e-4."),
     num_processes: int = typer.Option(1, "--num-processes", help="Re-launch under `accelerate launch` with N "
                                       "processes (data-parallel evaluation, DDP training)."),
+    accelerate_config: Path = typer.Option(None, "--accelerate-config", help="With --num-processes: launch with "
+                                           "this accelerate config (configs/accelerate/: fsdp, zero2, zero3, ...)."),
 ) -> None:
     """Run a task sequence for each method; fill and export the accuracy matrix (resumes a killed run)."""
     from harness.distributed import is_main, launched, single_process_cpu_launch
@@ -90,8 +93,13 @@ def run(
     from harness.runner import run_method
     from tasks.registry import resolve_sequence
 
+    if accelerate_config is not None and not launched():
+        if not accelerate_config.exists():
+            _fail(ConfigError(f"--accelerate-config {accelerate_config}: no such file; see configs/accelerate/"))
+        if num_processes < 2:
+            _fail(ConfigError("--accelerate-config needs --num-processes N (N >= 2)"))
     if num_processes > 1 and not launched():
-        raise typer.Exit(_relaunch(num_processes, device or "cpu"))
+        raise typer.Exit(_relaunch(num_processes, device or "cpu", accelerate_config))
     if single_process_cpu_launch():
         _fail(ConfigError("`accelerate launch --cpu --num_processes N` started a single process (accelerate's CPU "
                           "launcher needs MPI for more); use `memgen-bench run --num-processes N` or "
@@ -108,6 +116,10 @@ def run(
         _fail(exc)
     console.print(f"[bold]memgen-bench run[/] sequence={'->'.join(tasks)} methods={','.join(cfg.methods)} "
                   f"model={cfg.model} seed={cfg.seed} out={cfg.out}")
+    plain = unsharded_methods(cfg.methods)
+    if plain and is_main():
+        console.print(f"note: this FSDP/DeepSpeed launch shards only {', '.join(SHARDING_METHODS)}; "
+                      f"{', '.join(plain)} train data-parallel with whole weights on every process")
     started = time.perf_counter()
     n_cells = (len(tasks) + 1) * len(tasks)
     dirs = []
@@ -130,30 +142,42 @@ def run(
         print((d / "matrix.csv").read_text())
 
 
-def _relaunch(n: int, device: str) -> int:
-    """Run this same command under ``accelerate launch`` with ``n`` processes (gloo on CPU)."""
+def _relaunch(n: int, device: str, accelerate_config: Path | None = None) -> int:
+    """Run this same command under ``accelerate launch`` with ``n`` processes (gloo on CPU), with the defaults of
+    a DDP launch or with ``accelerate_config``."""
     import subprocess
+
+    import yaml
 
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
             skip = False
             continue
-        if a == "--num-processes":
+        if a in ("--num-processes", "--accelerate-config"):
             skip = True
             continue
-        if a.startswith("--num-processes="):
+        if a.startswith(("--num-processes=", "--accelerate-config=")):
             continue
         argv.append(a)
     # ``--multi_gpu`` starts n processes through torchrun; ``--cpu`` would start only one (accelerate's simple
     # launcher needs an MPI hostfile for more), so CPU runs say ACCELERATE_USE_CPU instead: n gloo processes.
     # Port 0: a free rendezvous port, so concurrent launches do not collide.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "harness.cli", *argv]
-    env = {**os.environ, **({"ACCELERATE_USE_CPU": "true"} if device == "cpu" else {})}
-    console.print(f"launching: {'ACCELERATE_USE_CPU=true ' if device == 'cpu' else ''}{' '.join(cmd)}")
-    return subprocess.run(cmd, env=env).returncode
+    head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--main_process_port", "0"]
+    extra: dict[str, str] = {}
+    if accelerate_config is None:
+        head += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        extra = {"ACCELERATE_USE_CPU": "true"} if device == "cpu" else {}
+    else:
+        head += ["--config_file", str(accelerate_config)]
+        kind = (yaml.safe_load(accelerate_config.read_text()) or {}).get("distributed_type", "")
+        if device == "cpu":
+            # accelerate drops DeepSpeed from a CPU launch: DeepSpeed's own CPU accelerator (gloo) instead; FSDP and
+            # DDP configs run as gloo CPU processes (configs/accelerate/*_cpu.yaml)
+            extra = {"DS_ACCELERATOR": "cpu"} if kind == "DEEPSPEED" else {"ACCELERATE_USE_CPU": "true"}
+    cmd = [*head, "-m", "harness.cli", *argv]
+    console.print(f"launching: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(cmd)}".strip())
+    return subprocess.run(cmd, env={**os.environ, **extra}).returncode
 
 
 @app.command()

@@ -123,6 +123,13 @@ def load_model(
     Raises ``ModelLoadError`` with a one-line message naming the model on any failure.
     """
     torch_dtype = resolve_dtype(dtype)
+    # A ZeRO-3 Trainer of an earlier method in this process registered its DeepSpeed config globally, and
+    # from_pretrained would then build this model partitioned (deepspeed.zero.Init), without the engine hooks that
+    # gather it for a forward: the evaluation before training would crash. Models load whole, as under DDP; the
+    # first ZeRO-3 engine partitions them (harness/sharded.py). The next Trainer registers its config again.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     try:
         if name == "tiny-random":
             tok = load_tokenizer(name)

@@ -1,25 +1,34 @@
-"""Sharded training (accelerate's FSDP2 plugin, DeepSpeed ZeRO-2) for the weight-training baselines.
+"""Sharded training (accelerate's FSDP2 plugin, DeepSpeed ZeRO-2/3) for the weight-training baselines.
 
-``sft`` and ``grpo`` shard through their Trainer, ``reinforce_pp`` through ``fsdp_prepare`` (FSDP2 only). FSDP2
+``sft`` and ``grpo`` shard through their Trainer, ``reinforce_pp`` through ``fsdp_prepare`` / ``deepspeed_prepare``.
+FSDP2
 changes the model IN PLACE: every parameter becomes a DTensor holding 1/N of it and every forward all-gathers them.
 Evaluation and RL rollouts run a different number of forwards on each process (uneven shards, completions that
 stop at different steps), so those collectives would deadlock, and the checkpoint (written by the main process
 alone) and ``check_in_sync`` would see shards. So after training every process gathers the weights once and keeps
 them whole (``gather_weights``: forwards then make no collectives, as in DDP), and the next training puts the
-shards back first (``shard_weights``). Both are no-ops otherwise, and every process must call them. ZeRO-2 keeps
-whole parameters on every process and needs neither.
+shards back first (``shard_weights``). Both are no-ops otherwise, and every process must call them.
+
+ZeRO-2 keeps whole parameters on every process. ZeRO-3 partitions them and its engine's module hooks all-gather
+them around every forward (and after the trace of a training step breaks, even the persistent ones), so the same
+rule applies: after training the engine is destroyed (``release_engine``: its hooks go) and every process gathers
+the parameters whole (``deepspeed.zero.GatheredParameters``, held open until ``shard_weights``, which re-partitions
+them for the next task's engine). Within a training (reinforce_pp's rollouts) ``whole_weights`` does the same around
+a block while the engine lives, as TRL's ``unwrap_model_for_generation`` does.
 
 Verified on CPU with 2 gloo processes (``tests/test_distributed_sharded.py``; by hand: the weights after each task
 are bit-identical to a DDP run's). On CPU accelerate 1.15 silently drops FSDP and DeepSpeed from a launch (plain
 DDP runs instead); ``harness.distributed.state`` works around it (``honour_fsdp_on_cpu``, ``deepspeed_on_cpu``).
-Refused (``check_supported``): ZeRO-3, whose hooks all-gather in every evaluation forward (see its message), and
-FSDP1, whose flat parameters leave the peft model's own parameters sharded outside ``summon_full_params`` (and
-whose accelerate plugin needs a GPU, so it cannot be tried here).
+Refused (``check_supported``): FSDP1, whose flat parameters leave the peft model's own parameters sharded outside
+``summon_full_params`` (and whose accelerate plugin needs a GPU, so it cannot be tried here), and a ZeRO-3 config
+that builds the model partitioned (``zero3_init_flag``), which the evaluation before any training cannot run.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from harness.distributed import launched
@@ -40,24 +49,40 @@ def fsdp_on_cpu() -> bool:
     return launched() and _flag("ACCELERATE_USE_FSDP") and (_flag("ACCELERATE_USE_CPU") or not _cuda())
 
 
+def deepspeed_launch() -> bool:
+    """A launch with a DeepSpeed config (``accelerate launch`` sets ACCELERATE_USE_DEEPSPEED)."""
+    return launched() and _flag("ACCELERATE_USE_DEEPSPEED")
+
+
+SHARDING_METHODS = ("sft", "grpo", "reinforce_pp")  # the methods that train through an FSDP/DeepSpeed config
+
+
+def unsharded_methods(methods: list[str] | tuple[str, ...]) -> list[str]:
+    """The methods of a run that train data-parallel with whole weights although the launch asks for FSDP or
+    DeepSpeed (MemGen's and the retrieval methods' own loops sum gradients by all-reduce, with no engine); empty
+    outside such a launch. ``run`` says so in one line rather than let the config look applied."""
+    if not (launched() and (_flag("ACCELERATE_USE_FSDP") or _flag("ACCELERATE_USE_DEEPSPEED"))):
+        return []
+    return [m for m in methods if m not in SHARDING_METHODS and m != "vanilla"]
+
+
 def deepspeed_on_cpu() -> bool:
     """A launch with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED) on a machine without CUDA: DeepSpeed's CPU
     accelerator (``DS_ACCELERATOR=cpu``; it falls back to gloo without oneCCL)."""
-    return launched() and _flag("ACCELERATE_USE_DEEPSPEED") and not _cuda()
+    return deepspeed_launch() and not _cuda()
 
 
 def check_supported() -> None:
     """Refuse the sharded setups the runner cannot evaluate between tasks (a ``ConfigError`` naming the reason)."""
     from harness.config import ConfigError
 
-    if _flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        # Tried on CPU (DeepSpeed 0.19.8): ZeRO-3's module hooks stay on the model after training, and once the
-        # generate pattern breaks their recorded trace they release (re-partition) even ``ds_persist`` parameters
-        # after each forward (PartitionedParameterCoordinator.release_sub_module), so every evaluation forward
-        # all-gathers again; processes with different numbers of prompts or decoding steps then deadlock or crash.
-        raise ConfigError("DeepSpeed ZeRO-3 is not supported: evaluation between tasks shards prompts over the "
-                          "processes, and ZeRO-3 all-gathers parameters in every forward; use "
-                          "configs/accelerate/fsdp.yaml (full sharding) or zero2.yaml")
+    if _flag("ACCELERATE_USE_DEEPSPEED") and _flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
+        # zero.Init would build the model partitioned, without the engine hooks that gather it for a forward:
+        # the evaluation before any training (row 0 of the matrix) could not run. Each process loads it whole
+        # instead (as under DDP) and the first engine partitions it.
+        raise ConfigError("DeepSpeed zero3_init_flag: true is not supported (the model is evaluated before any "
+                          "training); set zero3_init_flag: false in the accelerate config (configs/accelerate/"
+                          "zero3.yaml)")
     if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "2") != "2":
         raise ConfigError("FSDP1 (fsdp_version: 1) is not supported; use fsdp_version: 2 "
                           "(configs/accelerate/fsdp.yaml)")
@@ -94,12 +119,21 @@ def trainer_device_kwargs(device: str) -> dict[str, Any]:
     return {"use_cpu": device == "cpu"}
 
 
-def sharding() -> str:
-    """How training is distributed, for logs: accelerate's distributed type (FSDP, DEEPSPEED, MULTI_CPU, ...)."""
+def sharding(method: str | None = None) -> str:
+    """How ``method`` trains, for logs: accelerate's distributed type (FSDP, DEEPSPEED_ZERO3, MULTI_CPU, ...), or
+    DATA_PARALLEL for a method that shards nothing whatever the launch (see ``unsharded_methods``)."""
     from accelerate.state import AcceleratorState, PartialState
 
+    if method is not None and unsharded_methods([method]):
+        return "DATA_PARALLEL"
+
     shared = AcceleratorState._shared_state or PartialState._shared_state
-    return str(shared.get("distributed_type", "NO")).split(".")[-1]
+    kind = str(shared.get("distributed_type", "NO")).split(".")[-1]
+    plugin = AcceleratorState._shared_state.get("deepspeed_plugins")
+    if kind == "DEEPSPEED" and plugin:  # the stage too: ZeRO-2 and ZeRO-3 differ in what is partitioned
+        stage = next(iter(plugin.values())).zero_stage if isinstance(plugin, dict) else plugin.zero_stage
+        kind += f"_ZERO{stage}"
+    return kind
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------------------------
@@ -177,13 +211,102 @@ def fsdp_prepare(model: Any, optimizer: Any) -> Any:
     return prepared
 
 
+# -- DeepSpeed ------------------------------------------------------------------------------------------------------
+_ZERO3_GATHERED: dict[int, Any] = {}  # id(model) -> the open GatheredParameters context (whole weights)
+
+
+def _zero3_params(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+def _zero3_gather(model: Any) -> None:
+    params = _zero3_params(model)
+    if not params or id(model) in _ZERO3_GATHERED:
+        return
+    import deepspeed
+
+    for p in params:  # left over from the destroyed engine's last forward; partition() would refuse them
+        p.ds_active_sub_modules.clear()
+    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    gathered.__enter__()  # every process all-gathers; exited by _zero3_shard
+    _ZERO3_GATHERED[id(model)] = gathered
+
+
+def _zero3_shard(model: Any) -> None:
+    gathered = _ZERO3_GATHERED.pop(id(model), None)
+    if gathered is not None:
+        # modifier_rank=None: nothing changed the weights while whole, so every process keeps its partition as is
+        gathered.__exit__(None, None, None)
+
+
+def release_engine(accelerator: Any) -> None:
+    """After a training under DeepSpeed: destroy its engine (``Accelerator.free_memory``), which removes the module
+    hooks (ZeRO-3 all-gathers in them) and the gradient hooks of its optimizer. The model stays partitioned under
+    ZeRO-3 until ``gather_weights``; the next task's engine hooks it again. A no-op for other launches."""
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+        accelerator.free_memory()
+
+
+def deepspeed_prepare(model: Any, optimizer: Any, micro_batch: int, max_grad_norm: float) -> tuple[Any, Any]:
+    """Under a DeepSpeed launch: ``(accelerator, engine)`` from ``accelerator.prepare(model, optimizer)`` for a
+    hand-written loop (``engine.backward``, ``engine.step``); ``(None, None)`` otherwise. ``micro_batch`` is the
+    number of sequences one process backpropagates per step (DeepSpeed requires it); the clipping norm replaces the
+    config file's. The learning-rate schedule stays the caller's: it steps the base optimizer's param groups, which
+    DeepSpeed's ZeRO optimizer uses."""
+    if not deepspeed_launch():
+        return None, None
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # A fresh plugin from the launch's config (a Trainer may have filled the shared one with its own batch size);
+    # the process group (gloo on CPU, see harness.distributed.state) is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator()
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch
+    ds_config["gradient_clipping"] = max_grad_norm
+    engine, _ = accelerator.prepare(model, optimizer)
+    return accelerator, engine
+
+
+def zero3(engine: Any) -> bool:
+    return engine is not None and engine.zero_optimization_stage() == 3
+
+
+@contextmanager
+def whole_weights(model: Any, engine: Any = None) -> Iterator[None]:
+    """Within a training: whole weights inside the block, so forwards there make no collectives (processes may run
+    different numbers of them: rollouts of different lengths), and the training's sharding again after it.
+    FSDP2: ``gather_weights``/``shard_weights``. ZeRO-3 (``engine`` alive): gather and remove the engine's hooks,
+    then restore both, as TRL's ``unwrap_model_for_generation`` does. Every process must enter it."""
+    if zero3(engine):
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(_zero3_params(model)):
+            remove_hooks(engine)
+            try:
+                yield
+            finally:
+                add_hooks(engine)
+        return
+    gather_weights(model)
+    try:
+        yield
+    finally:
+        shard_weights(model)
+
+
 # -- the two calls the methods make ---------------------------------------------------------------------------------
 def gather_weights(model: Any) -> None:
     """After training: every process all-gathers the FSDP2-sharded parameters and keeps them whole, so
-    ``model.parameters()`` are the plain full tensors (identical everywhere) and forwards make no collectives."""
+    ``model.parameters()`` are the plain full tensors (identical everywhere) and forwards make no collectives.
+    Likewise the ZeRO-3-partitioned ones, once ``release_engine`` removed the engine's hooks."""
     _fsdp_gather(model)
+    _zero3_gather(model)
 
 
 def shard_weights(model: Any) -> None:
     """Before training again: undo ``gather_weights`` (optimizers must be built on the shards)."""
     _fsdp_shard(model)
+    _zero3_shard(model)

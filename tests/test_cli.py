@@ -3,8 +3,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -30,6 +33,8 @@ def test_tasks_and_methods_list():
         (["eval", "--task", "gsm8k", "--model", "tiny-random", "--data-dir", "/no/such/dir"], "data file not found"),
         (["report", "/no/such/run"], "no such run directory"),
         (["report", ".", "--format", "xls"], "unknown format"),
+        (["run", "--num-processes", "2", "--accelerate-config", "/no/such.yaml"], "/no/such.yaml: no such file"),
+        (["run", "--accelerate-config", str(ROOT / "configs/accelerate/zero3_cpu.yaml")], "needs --num-processes N"),
     ],
 )
 def test_clear_errors(args, msg):

@@ -1,4 +1,5 @@
-"""Sharded training through the shipped accelerate config files: FSDP2 and DeepSpeed ZeRO-2, 2 gloo processes on CPU.
+"""Sharded training through the shipped accelerate config files: FSDP2 and DeepSpeed ZeRO-2/3, 2 gloo processes on
+CPU.
 
 Each test launches ``accelerate launch --config_file configs/accelerate/<x>_cpu.yaml -m harness.cli run`` over two
 tasks with 3 prompts per task (uneven shards) and one prompt per generate call, so the processes make different
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, RunConfig
+from harness.config import ConfigError
 from harness.distributed import SYNC_LOG_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,23 +43,30 @@ def _samples(run: Path) -> dict[str, list[dict]]:
             for p in sorted((run / "samples").glob("*.jsonl"))}
 
 
-def _sharded_run_matches_one(tmp_path: Path, config: str, methods: list[str], sharding: str,
+def _sharded_run_matches_one(tmp_path: Path, config: str, methods: list[str], sharding: str, via_cli: bool = False,
                              **env: str) -> None:
     args = [*ARGS, "--methods", ",".join(methods)]
     one = subprocess.run([sys.executable, "-m", "harness.cli", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / config), "--main_process_port", "0", "-m", "harness.cli"]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+    config_file = str(ROOT / "configs" / "accelerate" / config)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+              "--main_process_port", "0", "-m", "harness.cli", *args]
+    if via_cli:  # `run` launches itself, and sets the CPU environment the config needs
+        launch = [sys.executable, "-m", "harness.cli", *args, "--num-processes", "2", "--accelerate-config", config_file]
+    two = subprocess.run([*launch, "--out", str(tmp_path / "two")], capture_output=True, text=True,
                          timeout=600, env=_env(**{SYNC_LOG_ENV: str(tmp_path / "sync"), **env}), cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     assert (two.stdout + two.stderr).count("finished in") == 1  # only the main process reports
+    printed = " ".join((two.stdout + two.stderr).split())  # rich wraps long lines
+    assert ("note: this FSDP/DeepSpeed launch shards only" in printed) == ("memgen" in methods)
     logs = [[json.loads(x) for x in Path(f"{tmp_path / 'sync'}.rank{r}").read_text().splitlines()] for r in (0, 1)]
     assert [len(log) for log in logs] == [2 * len(methods)] * 2  # every method, both tasks, on both processes
     for r0, r1 in zip(*logs, strict=True):
         assert (r0["world"], r1["world"], r0["rank"], r1["rank"]) == (2, 2, 0, 1)
-        assert r0["sharding"] == r1["sharding"] == sharding  # accelerate really sharded (not a silent DDP)
+        # accelerate really sharded (not a silent DDP); memgen never shards, and says so
+        expected = "DATA_PARALLEL" if r0["label"].startswith("memgen") else sharding
+        assert r0["sharding"] == r1["sharding"] == expected
         assert r0["label"] == r1["label"] and r0["digest"] == r1["digest"]
     for method in methods:
         run1, run2 = tmp_path / "one" / method, tmp_path / "two" / method
@@ -75,8 +83,10 @@ def _sharded_run_matches_one(tmp_path: Path, config: str, methods: list[str], sh
         # the main process saved the whole adapter, not its shard
         from safetensors.torch import load_file
 
-        def shapes(run: Path) -> dict[str, tuple[int, ...]]:
-            f = run / "checkpoints" / "stage2" / "adapter" / "adapter_model.safetensors"
+        adapter = "weaver_adapter" if method == "memgen" else "adapter"
+
+        def shapes(run: Path, adapter: str = adapter) -> dict[str, tuple[int, ...]]:
+            f = run / "checkpoints" / "stage2" / adapter / "adapter_model.safetensors"
             return {k: tuple(v.shape) for k, v in load_file(str(f)).items()}
 
         assert shapes(run2) == shapes(run1)
@@ -89,10 +99,19 @@ def test_fsdp2_runs_over_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_runs_over_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("config", ["zero2_cpu.yaml", "zero3_cpu.yaml"])
+def test_deepspeed_runs_over_two_processes_match_one(tmp_path, config):
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional: pip install -e .[deepspeed] (scripts/setup.sh tries)")
-    # no ACCELERATE_USE_CPU: accelerate drops DeepSpeed in a CPU launch; DeepSpeed's CPU accelerator uses gloo
-    _sharded_run_matches_one(tmp_path, "zero2_cpu.yaml", ["sft", "grpo"], "DEEPSPEED", DS_ACCELERATOR="cpu")
+    # no ACCELERATE_USE_CPU: accelerate drops DeepSpeed in a CPU launch; DeepSpeed's CPU accelerator uses gloo.
+    # ZeRO-3 partitions every parameter while training: the evaluation between tasks runs on the gathered weights.
+    # memgen (ZeRO-3 only, to keep the time down) trains data-parallel in the same launch, with a note saying so.
+    # ZeRO-3 goes through `memgen-bench run --num-processes 2 --accelerate-config`, which sets DS_ACCELERATOR itself.
+    if "zero3" in config:
+        _sharded_run_matches_one(tmp_path, config, ["sft", "grpo", "reinforce_pp", "memgen"], "DEEPSPEED_ZERO3",
+                                 via_cli=True)
+    else:
+        _sharded_run_matches_one(tmp_path, config, ["sft", "grpo", "reinforce_pp"], "DEEPSPEED_ZERO2",
+                                 DS_ACCELERATOR="cpu")
 
 
 def test_unsupported_sharded_setups_fail_with_a_clear_error(monkeypatch):
@@ -100,17 +119,33 @@ def test_unsupported_sharded_setups_fail_with_a_clear_error(monkeypatch):
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match="ZeRO-3 is not supported"):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true")
+    with pytest.raises(ConfigError, match="zero3_init_flag: true is not supported"):
         check_supported()
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")
     check_supported()
-    import baselines.reinforce_pp as rpp
-
-    monkeypatch.setattr(rpp, "world", lambda: (0, 2))  # as under a 2-process launch; fails before any model use
-    with pytest.raises(ConfigError, match="reinforce_pp does not support DeepSpeed"):
-        rpp.ReinforcePP(None, RunConfig(), {"samples_per_prompt": 2})  # type: ignore[arg-type]
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP1"):
         check_supported()
+
+
+def test_models_load_whole_after_a_zero3_trainer_registered_its_config():
+    """A ZeRO-3 Trainer registers its DeepSpeed config process-wide (transformers' HfDeepSpeedConfig); the next
+    method's model must still load whole (not through deepspeed.zero.Init), or row 0 cannot be evaluated."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional: pip install -e .[deepspeed] (scripts/setup.sh tries)")
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from harness.models import load_model
+
+    keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        lm = load_model("smollm2-135m")
+        assert not [n for n, p in lm.model.named_parameters() if hasattr(p, "ds_id") or p.numel() == 0]
+        assert lm.model.model.embed_tokens.weight.shape[0] == len(lm.tokenizer)
+    finally:
+        unset_hf_deepspeed_config()
+        del keep

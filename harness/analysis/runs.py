@@ -46,6 +46,17 @@ class RunData:
         return int(s.shape[1]) if s is not None else 0
 
 
+def insertion_rate(samples: list[dict[str, Any]]) -> tuple[float, float]:
+    """(insertion rate in % of the delimiters the trigger was asked at, insertions per sample) of one cell's
+    samples; the rate is NaN when nothing was asked or a sample lacks the trigger keys (no trigger)."""
+    ins = [r.get(TRIGGER_KEYS[0]) for r in samples]
+    qry = [r.get(TRIGGER_KEYS[1]) for r in samples]
+    if any(v is None for v in ins + qry):
+        return float("nan"), float("nan")
+    asked, done = sum(qry), sum(ins)
+    return (100.0 * done / asked if asked else float("nan")), done / max(len(samples), 1)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -85,10 +96,7 @@ def load_run(path: str | Path) -> RunData:
             if set(by_id) != set(ids):
                 raise ValueError(f"run {run}: row {i} of task {task} evaluated different examples than row 0")
             table[i] = [float(by_id[k]["score"]) for k in ids]
-            ins = [r.get(TRIGGER_KEYS[0]) for r in samples]
-            qry = [r.get(TRIGGER_KEYS[1]) for r in samples]
-            if all(v is not None for v in ins + qry) and sum(qry) > 0:
-                rate[i] = 100.0 * sum(ins) / sum(qry)
+            rate[i] = insertion_rate(samples)[0]
         # The stored cell accuracy is the mean score; disagreement means the samples file is stale.
         if not np.allclose(100.0 * table.mean(axis=1), R[:, j], atol=1e-3):
             raise ValueError(f"run {run}: per-sample scores of task {task} do not match matrix.csv; re-run the cells")

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.analysis.runs import insertion_rate
 from harness.config import RunConfig, from_dict
 from harness.methods import build_method
 from harness.models import load_model
@@ -26,13 +27,6 @@ from harness.store import read_json
 from tasks.registry import get_task
 
 POLICIES = {"trigger": True, "always": False}  # column prefix -> is the trained trigger deciding
-
-
-def insertion_rate(samples: list[dict[str, Any]]) -> tuple[float, float]:
-    """(insertion rate in %, delimiter insertions per sample) of one cell; NaN rate when nothing was asked."""
-    asked = sum(int(s.get("trigger_queried", 0)) for s in samples)
-    done = sum(int(s.get("trigger_inserted", 0)) for s in samples)
-    return (100.0 * done / asked if asked else float("nan")), done / max(len(samples), 1)
 
 
 def trigger_ablation(run_dir: str | Path, all_tasks: bool = False,
