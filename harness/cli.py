@@ -142,13 +142,35 @@ def run(
         print((d / "matrix.csv").read_text())
 
 
-def _relaunch(n: int, device: str, accelerate_config: Path | None = None) -> int:
-    """Run this same command under ``accelerate launch`` with ``n`` processes (gloo on CPU), with the defaults of
-    a DDP launch or with ``accelerate_config``."""
+def _launch(argv: list[str], n: int, device: str, accelerate_config: Path | str | None = None) -> int:
+    """Run ``harness.cli argv`` under ``accelerate launch`` with ``n`` processes (gloo on CPU), with the defaults of
+    a DDP launch or with ``accelerate_config``; returns its exit status."""
     import subprocess
 
     import yaml
 
+    # ``--multi_gpu`` starts n processes through torchrun; ``--cpu`` would start only one (accelerate's simple
+    # launcher needs an MPI hostfile for more), so CPU runs say ACCELERATE_USE_CPU instead: n gloo processes.
+    # Port 0: a free rendezvous port, so concurrent launches do not collide.
+    head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--main_process_port", "0"]
+    extra: dict[str, str] = {}
+    if accelerate_config is None:
+        head += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        extra = {"ACCELERATE_USE_CPU": "true"} if device == "cpu" else {}
+    else:
+        head += ["--config_file", str(accelerate_config)]
+        kind = (yaml.safe_load(Path(accelerate_config).read_text()) or {}).get("distributed_type", "")
+        if device == "cpu":
+            # accelerate drops DeepSpeed from a CPU launch: DeepSpeed's own CPU accelerator (gloo) instead; FSDP and
+            # DDP configs run as gloo CPU processes (configs/accelerate/*_cpu.yaml)
+            extra = {"DS_ACCELERATOR": "cpu"} if kind == "DEEPSPEED" else {"ACCELERATE_USE_CPU": "true"}
+    cmd = [*head, "-m", "harness.cli", *argv]
+    console.print(f"launching: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(cmd)}".strip())
+    return subprocess.run(cmd, env={**os.environ, **extra}).returncode
+
+
+def _relaunch(n: int, device: str, accelerate_config: Path | None = None) -> int:
+    """Run this same ``run`` command under ``accelerate launch`` (``_launch``), less the options that asked so."""
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -160,24 +182,7 @@ def _relaunch(n: int, device: str, accelerate_config: Path | None = None) -> int
         if a.startswith(("--num-processes=", "--accelerate-config=")):
             continue
         argv.append(a)
-    # ``--multi_gpu`` starts n processes through torchrun; ``--cpu`` would start only one (accelerate's simple
-    # launcher needs an MPI hostfile for more), so CPU runs say ACCELERATE_USE_CPU instead: n gloo processes.
-    # Port 0: a free rendezvous port, so concurrent launches do not collide.
-    head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--main_process_port", "0"]
-    extra: dict[str, str] = {}
-    if accelerate_config is None:
-        head += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        extra = {"ACCELERATE_USE_CPU": "true"} if device == "cpu" else {}
-    else:
-        head += ["--config_file", str(accelerate_config)]
-        kind = (yaml.safe_load(accelerate_config.read_text()) or {}).get("distributed_type", "")
-        if device == "cpu":
-            # accelerate drops DeepSpeed from a CPU launch: DeepSpeed's own CPU accelerator (gloo) instead; FSDP and
-            # DDP configs run as gloo CPU processes (configs/accelerate/*_cpu.yaml)
-            extra = {"DS_ACCELERATOR": "cpu"} if kind == "DEEPSPEED" else {"ACCELERATE_USE_CPU": "true"}
-    cmd = [*head, "-m", "harness.cli", *argv]
-    console.print(f"launching: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(cmd)}".strip())
-    return subprocess.run(cmd, env={**os.environ, **extra}).returncode
+    return _launch(argv, n, device, accelerate_config)
 
 
 @app.command()
@@ -191,13 +196,14 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="Sweep root: <out>/<order>/seed<S>/<method>."),
     emit: bool = typer.Option(False, help="Do not run: write one `accelerate launch` line per unfinished cell "
                               "(commands.txt) and a SLURM array script (slurm_array.sh)."),
-    num_processes: int = typer.Option(1, "--num-processes", help="Processes per cell in emitted commands."),
-    accelerate_config: str = typer.Option(None, help="--config_file for emitted accelerate commands."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Processes per cell: in emitted commands, and "
+                                      "locally (N > 1: each cell runs under `accelerate launch`)."),
+    accelerate_config: str = typer.Option(None, help="--config_file for each cell's `accelerate launch`."),
 ) -> None:
     """Run (or emit commands for) a grid of methods x task orders x seeds; finished cells are skipped."""
     from harness.runner import run_method
     from harness.store import atomic_write_text
-    from harness.sweep import cell_config, cells, launch_commands, load_spec, slurm_script
+    from harness.sweep import cell_config, cells, launch_commands, load_spec, slurm_script, write_base_config
 
     try:
         spec = load_spec(spec_file, {"sequence": sequence, "orders": orders, "n_orders": n_orders,
@@ -213,9 +219,18 @@ def sweep(
             return
         todo = [c for c in grid if not c.complete()]
         console.print(f"sweep: {len(grid)} cells, {len(grid) - len(todo)} already complete")
+        base = write_base_config(spec, out) if num_processes > 1 else None
         for i, c in enumerate(todo, 1):
             console.print(f"[{i}/{len(todo)}] {c.method} order={c.sequence} seed={c.seed}")
-            run_method(c.method, cell_config(spec, c), c.run_dir)
+            if base is None:
+                run_method(c.method, cell_config(spec, c), c.run_dir)
+                continue
+            # one `accelerate launch` per cell, as the emitted commands do; a failed cell stops the sweep (the
+            # finished ones stay complete and are skipped by the next call)
+            argv = ["run", "--config", str(base), "--sequence", c.sequence, "--methods", c.method,
+                    "--seed", str(c.seed), "--out", str(c.run_dir.parent)]
+            if rc := _launch(argv, num_processes, cell_config(spec, c).device, accelerate_config):
+                raise typer.Exit(rc)
     except USER_ERRORS as exc:
         _fail(exc)
 

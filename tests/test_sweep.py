@@ -43,3 +43,25 @@ def test_sweep_runs_skips_and_emits(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(out / "arith-choice" / "seed0")],
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and "vanilla" in rep.stdout
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_each_cell_under_a_two_process_launch(tmp_path):
+    import json
+    import os
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {model: tiny-random, limit: 3, eval: {max_new_tokens: 4}, train: {max_steps: 1, "
+                    "batch_size: 2}}\nsequence: arith\nmethods: [sft]\nseeds: [0]\n")
+    out = tmp_path / "sw"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMGEN_BENCH_SYNC_LOG": str(tmp_path / "sync")}
+    run = [sys.executable, "-m", "harness.cli", "sweep", "--grid", str(grid), "--out", str(out), "--num-processes", "2"]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "arith" / "seed0" / "sft" / "summary.json").read_text())
+    assert summary["complete"]
+    for rank in (0, 1):  # the cell really ran as two processes, which ended training in sync
+        (rec,) = [json.loads(x) for x in (tmp_path / f"sync.rank{rank}").read_text().splitlines()]
+        assert (rec["rank"], rec["world"], rec["label"]) == (rank, 2, "sft on arith")
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600, env=env)
+    assert "1 cells, 1 already complete" in r.stderr and "launching" not in r.stderr
