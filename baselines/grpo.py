@@ -195,7 +195,7 @@ class GRPO:
         steps = t.max_steps or max(1, round(t.epochs * len(examples) / self.opts.prompts_per_step))
         budget = self.opts.max_completion_length or task.max_new_tokens
         prompts = [task.prompt(e, self.tokenizer) for e in examples]
-        guard, rewards = LossGuard(f"grpo on {task.name}"), RewardLog()
+        guard, rewards = LossGuard(f"grpo on {task.name}", getattr(self, "on_step", None)), RewardLog()
         shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: the Trainer's optimizer must see the shards
         trainer = build_trainer(self.model, self.tokenizer, prompts, task_reward(task, examples),
                                 grpo_config(self.cfg, self.opts, seed, steps, budget),

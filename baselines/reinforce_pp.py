@@ -289,10 +289,13 @@ class ReinforcePP:
         batches = prompt_batches(len(examples), o.prompts_per_step, random.Random(seed))
         history: dict[str, list[float]] = {}
         t0 = time.perf_counter()
-        for _ in range(steps):
+        on_step = getattr(self, "on_step", None)  # the runner's progress hook: on_step(step, total, loss)
+        for step in range(steps):
             batch = [examples[i] for i in next(batches)]
             for k, v in self.train_step(task, batch, optimizer, scheduler, budget).items():
                 history.setdefault(k, []).append(v)
+            if on_step is not None:
+                on_step(step + 1, steps, history["loss"][-1])
         release_engine(accelerator)  # DeepSpeed: its hooks off the model (ZeRO-3 gathers in them)
         self.engine = None
         gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check

@@ -60,6 +60,11 @@ class _Progress:
         elif kind == "train_step" and getattr(self, "train_bar", None) is not None:
             self.p.update(self.train_bar, completed=info["step"], total=info["total"],
                           description=f"  train {info['task']} loss {info['loss']:.3f}")
+            step, total = info["step"], info["total"] or 0
+            if not self.p.console.is_terminal and (step == total or step % max(1, total // 10) == 0):
+                # a log file (SLURM, nohup) gets no live bar: a line every tenth of the steps instead
+                self.p.console.print(f"  {info['method']:>10} train {info['task']} step {step}/{total} "
+                                     f"loss {info['loss']:.4f}")
         elif kind == "train_end":
             if getattr(self, "train_bar", None) is not None:
                 self.p.remove_task(self.train_bar)
@@ -114,8 +119,9 @@ def run(
         tasks = resolve_sequence(cfg.sequence)
     except USER_ERRORS as exc:
         _fail(exc)
-    console.print(f"[bold]memgen-bench run[/] sequence={'->'.join(tasks)} methods={','.join(cfg.methods)} "
-                  f"model={cfg.model} seed={cfg.seed} out={cfg.out}")
+    if is_main():
+        console.print(f"[bold]memgen-bench run[/] sequence={'->'.join(tasks)} methods={','.join(cfg.methods)} "
+                      f"model={cfg.model} seed={cfg.seed} out={cfg.out}")
     plain = unsharded_methods(cfg.methods)
     if plain and is_main():
         console.print(f"note: this FSDP/DeepSpeed launch shards only {', '.join(SHARDING_METHODS)}; "

@@ -51,6 +51,8 @@ def test_run_eval_report(tmp_path):
             "--limit", "4", "--set", "train.max_steps=2", "--set", "eval.max_new_tokens=8", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| method" in r.stdout
+    # not a terminal: training progress comes as lines (a log file gets no live bar)
+    assert "sft train arith step 1/2 loss" in r.stderr and "sft train choice step 2/2 loss" in r.stderr
     for fmt, marker in (("csv", "method,model"), ("latex", "\\begin{tabular}"), ("md", "| method")):
         rep = cli("report", str(out), "--format", fmt)
         assert rep.returncode == 0 and marker in rep.stdout, rep.stderr

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +230,7 @@ def train_weaver_grpo(
     is_delim: torch.Tensor,
     sch: WeaverGRPOSchedule,
     label: str = "memgen weaver grpo",
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Weaver GRPO on ``task``'s scorer; returns the loss and mean-reward curves, insertion counts and timing."""
     tok = mm.tokenizer
@@ -240,7 +241,7 @@ def train_weaver_grpo(
     order: list[int] = []
     stats: dict[str, list[float]] = {"losses": [], "rewards": [], "insertions": []}
     t0 = time.perf_counter()
-    for _ in range(sch.steps):
+    for step in range(sch.steps):
         if len(order) < sch.prompts_per_step:
             more = list(range(len(examples)))
             rng.shuffle(more)
@@ -251,5 +252,7 @@ def train_weaver_grpo(
         stats["losses"].append(st["loss"])
         stats["rewards"].append(st["reward"])
         stats["insertions"].append(st["insertions"])
+        if on_step is not None:  # progress: on_step(step, total steps, loss)
+            on_step(step + 1, sch.steps, st["loss"])
     check_in_sync(mm.weaver_parameters(), label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats}

@@ -135,7 +135,8 @@ class MemGen:
         stats: dict[str, Any] = {}
         if self.opts.weaver_train in ("sft", "sft+grpo"):
             stats = train_weaver(self.mm, rows, self.is_delim, n_points, sch,
-                                 label=f"memgen weaver sft on {task.name}", turn_points=turns, weaver_prefixes=prefixes)
+                                 label=f"memgen weaver sft on {task.name}", turn_points=turns, weaver_prefixes=prefixes,
+                                 on_step=getattr(self, "on_step", None))
         if self.opts.weaver_train in ("grpo", "sft+grpo"):  # weaver GRPO, from the SFT weaver with sft+grpo
             stats["grpo"] = train_grpo_stage(self, task, examples, stage)
         if self.retrieval is not None:

@@ -56,7 +56,7 @@ def train_grpo_stage(method: MemGen, task: Task, examples: Sequence[Example], st
     sch = dataclasses.replace(sch, steps=_steps(method, len(examples), o.grpo_prompts_per_step, o.grpo_steps),
                               temperature=o.grpo_temperature)
     return train_weaver_grpo(method.mm, task, examples, method.is_delim, sch,
-                             label=f"memgen weaver grpo on {task.name}")
+                             label=f"memgen weaver grpo on {task.name}", on_step=getattr(method, "on_step", None))
 
 
 def train_trigger_stage(method: MemGen, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
@@ -69,5 +69,5 @@ def train_trigger_stage(method: MemGen, task: Task, examples: Sequence[Example],
                           seed=derive_seed(method.cfg.seed, "memgen-trigger", stage),
                           max_new_tokens=_budget(method, task), lam=o.trigger_lam)
     stats = train_trigger(method.mm, method.trigger, task, examples, method.is_delim, sch,
-                          label=f"memgen trigger on {task.name}")
+                          label=f"memgen trigger on {task.name}", on_step=getattr(method, "on_step", None))
     return {"model": o.trigger_model, **stats}

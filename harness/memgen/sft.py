@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +183,7 @@ def train_weaver(
     label: str = "memgen weaver sft",
     turn_points: Sequence[Sequence[int]] | None = None,
     weaver_prefixes: Sequence[Sequence[int]] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Weaver SFT on (prompt ids, target ids incl. EOS) rows; returns the loss curve and timing.
 
@@ -230,6 +231,8 @@ def train_weaver(
             opt.step()
             lr_sched.step()
             losses.append(total)
+            if on_step is not None:  # progress: on_step(step, total steps, loss)
+                on_step(step + 1, sch.steps, total)
     finally:
         mm.peft.eval()
     check_in_sync(params, label)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,6 +279,7 @@ def train_trigger(
     is_delim: torch.Tensor,
     sch: TriggerSchedule,
     label: str = "memgen trigger",
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Policy-gradient training of the trigger ``head`` (a ``TriggerHead`` or a ``TriggerLM``); reasoner and weaver
     untouched. Returns the loss, mean-reward and insertion-rate curves and timing."""
@@ -342,6 +343,8 @@ def train_trigger(
             if lora:
                 head.set_adapter_trainable(False)
         stats["losses"].append(total)
+        if on_step is not None:  # progress: on_step(step, total steps, loss)
+            on_step(step + 1, sch.steps, total)
         stats["rewards"].append(float(rewards.mean()))
         stats["insert_rate"].append(float((dec * mask).sum() / mask.sum().clamp(min=1)))
     check_in_sync(params, label)
