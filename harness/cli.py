@@ -103,8 +103,6 @@ def run(
             _fail(ConfigError(f"--accelerate-config {accelerate_config}: no such file; see configs/accelerate/"))
         if num_processes < 2:
             _fail(ConfigError("--accelerate-config needs --num-processes N (N >= 2)"))
-    if num_processes > 1 and not launched():
-        raise typer.Exit(_relaunch(num_processes, device or "cpu", accelerate_config))
     if single_process_cpu_launch():
         _fail(ConfigError("`accelerate launch --cpu --num_processes N` started a single process (accelerate's CPU "
                           "launcher needs MPI for more); use `memgen-bench run --num-processes N` or "
@@ -119,6 +117,9 @@ def run(
         tasks = resolve_sequence(cfg.sequence)
     except USER_ERRORS as exc:
         _fail(exc)
+    if num_processes > 1 and not launched():  # after validation: a bad option fails here, not in N processes
+        # the device of the resolved config (--device, --config or --set device=...): CPU launches need gloo
+        raise typer.Exit(_relaunch(num_processes, "cpu" if cfg.device == "cpu" else "cuda", accelerate_config))
     if is_main():
         console.print(f"[bold]memgen-bench run[/] sequence={'->'.join(tasks)} methods={','.join(cfg.methods)} "
                       f"model={cfg.model} seed={cfg.seed} out={cfg.out}")
