@@ -238,8 +238,10 @@ SYNC_LOG_ENV = "MEMGEN_BENCH_SYNC_LOG"
 def check_in_sync(params: Sequence[Any], label: str) -> str:
     """Raise if the trainable ``params`` differ between processes (they must be bit-identical after
     data-parallel training); returns this process's digest. With ``$MEMGEN_BENCH_SYNC_LOG`` set, every process
-    also appends ``{"label", "rank", "world", "digest", "sharding"}`` as a JSON line to ``<that path>.rank<r>``
-    (the tests read it; ``label`` starts with the method's name). In a single process without the log it does nothing and returns ""."""
+    also appends ``{"label", "rank", "world", "digest", "sharding", "held"}`` as a JSON line to
+    ``<that path>.rank<r>`` (the tests read it; ``label`` starts with the method's name; ``held``: the share of the
+    model the process held when training ended, ``harness.sharded.take_held_fraction``, None for methods that
+    never shard). In a single process without the log it does nothing and returns ""."""
     rank, n_proc = world()
     path = os.environ.get(SYNC_LOG_ENV)
     if n_proc == 1 and not path:
@@ -248,11 +250,11 @@ def check_in_sync(params: Sequence[Any], label: str) -> str:
     if path:
         import json
 
-        from harness.sharded import sharding
+        from harness.sharded import sharding, take_held_fraction
 
         with open(f"{path}.rank{rank}", "a") as f:
             f.write(json.dumps({"label": label, "rank": rank, "world": n_proc, "digest": digest,
-                                "sharding": sharding(label.split()[0])}) + "\n")
+                                "sharding": sharding(label.split()[0]), "held": take_held_fraction()}) + "\n")
     if n_proc > 1:
         from accelerate.utils import gather_object
 

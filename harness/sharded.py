@@ -298,10 +298,36 @@ def whole_weights(model: Any, engine: Any = None) -> Iterator[None]:
 
 
 # -- the two calls the methods make ---------------------------------------------------------------------------------
+_HELD: list[float] = []  # the fraction ``gather_weights`` found on this process last, for the sync log
+
+
+def held_fraction(model: Any) -> float:
+    """The share of the model's parameter elements this process holds now: 1.0 when whole (DDP, ZeRO-2, gathered),
+    about 1/N while FSDP2 or ZeRO-3 keeps them sharded over N processes."""
+    from torch.distributed.tensor import DTensor
+
+    held = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):  # ZeRO-3: this process's partition (``ds_tensor``) of ``ds_numel`` elements
+            held, full = held + p.ds_tensor.numel(), full + p.ds_numel
+        elif isinstance(p, DTensor):  # FSDP2: the local shard
+            held, full = held + p.to_local().numel(), full + p.numel()
+        else:
+            held, full = held + p.numel(), full + p.numel()
+    return held / max(full, 1)
+
+
+def take_held_fraction() -> float | None:
+    """What the last ``gather_weights`` found before gathering (``held_fraction``), once; None if none since."""
+    return _HELD.pop() if _HELD else None
+
+
 def gather_weights(model: Any) -> None:
     """After training: every process all-gathers the FSDP2-sharded parameters and keeps them whole, so
     ``model.parameters()`` are the plain full tensors (identical everywhere) and forwards make no collectives.
-    Likewise the ZeRO-3-partitioned ones, once ``release_engine`` removed the engine's hooks."""
+    Likewise the ZeRO-3-partitioned ones, once ``release_engine`` removed the engine's hooks. Records how much of
+    the model this process held before (``take_held_fraction``: the proof that training really sharded it)."""
+    _HELD[:] = [held_fraction(model)]
     _fsdp_gather(model)
     _zero3_gather(model)
 

@@ -67,6 +67,12 @@ def _sharded_run_matches_one(tmp_path: Path, config: str, methods: list[str], sh
         # accelerate really sharded (not a silent DDP); memgen never shards, and says so
         expected = "DATA_PARALLEL" if r0["label"].startswith("memgen") else sharding
         assert r0["sharding"] == r1["sharding"] == expected
+        # and the weights were really split while training: each process held about half of them (ZeRO-2 splits
+        # only gradients and optimizer states); memgen never calls the gathering, so it records nothing
+        if expected == "DATA_PARALLEL" or sharding.endswith("ZERO2"):
+            assert r0["held"] == r1["held"] == (None if expected == "DATA_PARALLEL" else 1.0)
+        else:
+            assert 0.45 < r0["held"] < 0.6 and 0.45 < r1["held"] < 0.6, (r0, r1)
         assert r0["label"] == r1["label"] and r0["digest"] == r1["digest"]
     for method in methods:
         run1, run2 = tmp_path / "one" / method, tmp_path / "two" / method
