@@ -196,10 +196,12 @@ class GRPO:
         budget = self.opts.max_completion_length or task.max_new_tokens
         prompts = [task.prompt(e, self.tokenizer) for e in examples]
         guard, rewards = LossGuard(f"grpo on {task.name}", getattr(self, "on_step", None)), RewardLog()
-        shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: the Trainer's optimizer must see the shards
         trainer = build_trainer(self.model, self.tokenizer, prompts, task_reward(task, examples),
                                 grpo_config(self.cfg, self.opts, seed, steps, budget),
                                 [guard, rewards, *self.callbacks])
+        # FSDP2/ZeRO-3 from an earlier task: back to the shards for the optimizer, which ``train`` builds. Not
+        # before the Trainer: with beta > 0 it copies the adapter into a "ref" one, which needs the whole weights.
+        shard_weights(self.model)
         self.model.train()
         t0 = time.perf_counter()
         trainer.train()

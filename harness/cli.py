@@ -216,6 +216,8 @@ def sweep(
         spec = load_spec(spec_file, {"sequence": sequence, "orders": orders, "n_orders": n_orders,
                                      "methods": methods, "seeds": seeds})
         grid = cells(spec, out)
+        if accelerate_config and not emit and num_processes < 2:
+            raise ConfigError("--accelerate-config needs --num-processes N (N >= 2) to run cells locally")
         if emit:
             lines = launch_commands(spec, out, num_processes, accelerate_config)
             cmds = out / "commands.txt"

@@ -27,6 +27,7 @@ that builds the model partitioned (``zero3_init_flag``), which the evaluation be
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -137,7 +138,7 @@ def sharding(method: str | None = None) -> str:
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------------------------
-_RESHARD_AFTER_FORWARD: dict[int, bool] = {}
+_RESHARD_AFTER_FORWARD: dict[int, bool] = {}  # id(FSDP module) -> its configured reshard_after_forward
 
 
 def _fsdp_modules(model: Any) -> list[Any]:
@@ -212,7 +213,9 @@ def fsdp_prepare(model: Any, optimizer: Any) -> Any:
 
 
 # -- DeepSpeed ------------------------------------------------------------------------------------------------------
-_ZERO3_GATHERED: dict[int, Any] = {}  # id(model) -> the open GatheredParameters context (whole weights)
+# model -> the open GatheredParameters context (whole weights). Weak keys: a finished method's model, and with it
+# its whole weights, is freed when the method is (the context holds the parameters, not the model).
+_ZERO3_GATHERED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _zero3_params(model: Any) -> list[Any]:
@@ -221,7 +224,7 @@ def _zero3_params(model: Any) -> list[Any]:
 
 def _zero3_gather(model: Any) -> None:
     params = _zero3_params(model)
-    if not params or id(model) in _ZERO3_GATHERED:
+    if not params or model in _ZERO3_GATHERED:
         return
     import deepspeed
 
@@ -229,22 +232,37 @@ def _zero3_gather(model: Any) -> None:
         p.ds_active_sub_modules.clear()
     gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     gathered.__enter__()  # every process all-gathers; exited by _zero3_shard
-    _ZERO3_GATHERED[id(model)] = gathered
+    _ZERO3_GATHERED[model] = gathered
 
 
 def _zero3_shard(model: Any) -> None:
-    gathered = _ZERO3_GATHERED.pop(id(model), None)
+    gathered = _ZERO3_GATHERED.pop(model, None)
     if gathered is not None:
-        # modifier_rank=None: nothing changed the weights while whole, so every process keeps its partition as is
+        # modifier_rank=None: every process keeps its partition as it was. Weights changed in place while whole
+        # (a checkpoint loaded into them) would be lost: DeepSpeed 0.19 detects that and raises instead.
         gathered.__exit__(None, None, None)
 
 
 def release_engine(accelerator: Any) -> None:
     """After a training under DeepSpeed: destroy its engine (``Accelerator.free_memory``), which removes the module
-    hooks (ZeRO-3 all-gathers in them) and the gradient hooks of its optimizer. The model stays partitioned under
-    ZeRO-3 until ``gather_weights``; the next task's engine hooks it again. A no-op for other launches."""
-    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
-        accelerator.free_memory()
+    hooks (ZeRO-3 all-gathers in them) and the gradient hooks of its optimizer, then the engine's own forward hooks,
+    which ``destroy`` leaves on the model, and the parameters' links to the ZeRO-3 optimizer: they would keep the
+    engine, and its optimizer's fp32 master weights and moments, alive as long as the model. The model stays partitioned under ZeRO-3 until
+    ``gather_weights``; the next task's engine hooks it again. A no-op for other launches."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        return
+    engine = wrapped.engine
+    accelerator.free_memory()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
+    engine.optimizer = None
+    for param in engine.module.parameters():  # ZeRO-3 points every parameter at its optimizer (the next one again)
+        if hasattr(param, "_z3_optimizer"):
+            del param._z3_optimizer
 
 
 def deepspeed_prepare(model: Any, optimizer: Any, micro_batch: int, max_grad_norm: float) -> tuple[Any, Any]:
@@ -265,6 +283,9 @@ def deepspeed_prepare(model: Any, optimizer: Any, micro_batch: int, max_grad_nor
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     ds_config["train_micro_batch_size_per_gpu"] = micro_batch
     ds_config["gradient_clipping"] = max_grad_norm
+    # One optimizer step per ``engine.step()``, as the caller's schedule assumes (a config's accumulation would
+    # scale the loss down and skip steps); the caller batches its own rollouts.
+    ds_config["gradient_accumulation_steps"] = 1
     engine, _ = accelerator.prepare(model, optimizer)
     return accelerator, engine
 
@@ -302,8 +323,9 @@ _HELD: list[float] = []  # the fraction ``gather_weights`` found on this process
 
 
 def held_fraction(model: Any) -> float:
-    """The share of the model's parameter elements this process holds now: 1.0 when whole (DDP, ZeRO-2, gathered),
-    about 1/N while FSDP2 or ZeRO-3 keeps them sharded over N processes."""
+    """The share of the model's parameter elements this process owns now: 1.0 when whole (DDP, ZeRO-2, gathered),
+    about 1/N while FSDP2 or ZeRO-3 shard them over N processes (ZeRO-3: the size of its partitions, although
+    small "persistent" parameters stay gathered in memory too)."""
     from torch.distributed.tensor import DTensor
 
     held = full = 0
@@ -326,7 +348,7 @@ def gather_weights(model: Any) -> None:
     """After training: every process all-gathers the FSDP2-sharded parameters and keeps them whole, so
     ``model.parameters()`` are the plain full tensors (identical everywhere) and forwards make no collectives.
     Likewise the ZeRO-3-partitioned ones, once ``release_engine`` removed the engine's hooks. Records how much of
-    the model this process held before (``take_held_fraction``: the proof that training really sharded it)."""
+    the model this process owned before (``take_held_fraction``: that the training was really sharded)."""
     _HELD[:] = [held_fraction(model)]
     _fsdp_gather(model)
     _zero3_gather(model)
