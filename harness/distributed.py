@@ -9,9 +9,9 @@ trainable gradients by hand (``all_reduce_grads``); every method checks after ea
 are bit-identical on all processes (``check_in_sync``).
 
 Verified here: every method under 2 CPU processes with gloo (``tests/test_distributed*.py``), and sft, grpo and
-reinforce_pp under FSDP2 and sft and grpo under DeepSpeed ZeRO-2 (``harness/sharded.py``, which also holds the
-CPU work-arounds ``state`` applies for them). ZeRO-3 and FSDP1 are refused. Not verified here (no GPU): NCCL; the
-hand-summed MemGen gradients and ``ddp_model`` assume plain data parallelism (full parameters on every process).
+reinforce_pp under FSDP2 and DeepSpeed ZeRO-2/3 (``harness/sharded.py``, which also holds the CPU work-arounds
+``state`` applies for them). FSDP1 is refused. Not verified here (no GPU): NCCL. The hand-summed MemGen gradients
+assume plain data parallelism (full parameters on every process): memgen never shards, whatever the launch.
 
 On CPU, accelerate 1.x's ``accelerate launch --cpu --num_processes N`` starts ONE process unless given an MPI
 hostfile; ``memgen-bench run --num-processes N`` therefore launches with ``--multi_gpu`` (torchrun) and
@@ -60,7 +60,7 @@ def state():
     from harness.sharded import check_supported, deepspeed_on_cpu, fsdp_on_cpu, honour_fsdp_on_cpu
 
     if launched():
-        check_supported()  # ZeRO-3 / FSDP1: a one-line error before any work
+        check_supported()  # FSDP1 / zero3_init_flag: a one-line error before any work
     if deepspeed_on_cpu():
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
             from harness.config import ConfigError
