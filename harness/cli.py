@@ -58,12 +58,13 @@ class _Progress:
             self.p.update(self.bar, description=f"{info['method']}: training on {info['task']} ({info['n']} ex)")
             self.train_bar = self.p.add_task(f"  train {info['task']}", total=None)
         elif kind == "train_step" and getattr(self, "train_bar", None) is not None:
+            what = f"{info['task']} {info.get('phase', '')}".strip()  # e.g. "arith trigger" (MemGen's phases)
             self.p.update(self.train_bar, completed=info["step"], total=info["total"],
-                          description=f"  train {info['task']} loss {info['loss']:.3f}")
+                          description=f"  train {what} loss {info['loss']:.3f}")
             step, total = info["step"], info["total"] or 0
             if not self.p.console.is_terminal and (step == total or step % max(1, total // 10) == 0):
                 # a log file (SLURM, nohup) gets no live bar: a line every tenth of the steps instead
-                self.p.console.print(f"  {info['method']:>10} train {info['task']} step {step}/{total} "
+                self.p.console.print(f"  {info['method']:>10} train {what} step {step}/{total} "
                                      f"loss {info['loss']:.4f}")
         elif kind == "train_end":
             if getattr(self, "train_bar", None) is not None:

@@ -196,8 +196,9 @@ def run_method(
             train = task.load("train", limit=cfg.train_limit, seed=cfg.seed)
             notify("train_start", {"method": method_name, "stage": stage, "task": task.name, "n": len(train)})
             try:  # progress hook for methods that report their steps (optional attribute)
-                method.on_step = lambda step, total, loss, _t=task.name: notify(
-                    "train_step", {"method": method_name, "task": _t, "step": step, "total": total, "loss": loss})
+                method.on_step = lambda step, total, loss, phase="", _t=task.name: notify(
+                    "train_step", {"method": method_name, "task": _t, "step": step, "total": total, "loss": loss,
+                                   "phase": phase})
             except AttributeError:
                 pass
             stats = method.train_on_task(task, train, stage)

@@ -208,6 +208,10 @@ def test_rl_runs_through_the_cli_eval_and_plots(tmp_path, setting):
     train = json.loads((run / "train" / "stage2.json").read_text())
     assert len(train["grpo"]["rewards"]) == 1 and ("losses" in train) == ("sft" in setting)
     assert ("trigger" in train) == ("trigger=trained" in setting)
+    # progress lines (stderr is no terminal here) name each phase that ran
+    printed = " ".join(r.stderr.split())
+    for phase, ran in (("weaver-sft", "sft" in setting), ("weaver-grpo", True), ("trigger", "trigger=trained" in setting)):
+        assert (f"memgen train reverse {phase} step 1/" in printed) == ran, phase
     samples = _samples(run / "samples" / "r2_arith.jsonl")
     assert all({"insertions", "trigger_queried", "trigger_inserted"} <= s.keys() for s in samples)
     assert sum(s["trigger_queried"] for s in samples) > 0

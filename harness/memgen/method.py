@@ -57,7 +57,7 @@ from harness.generation import length_sorted_batches, stop_token_ids
 from harness.memgen.generation import delimiter_mask, memgen_generate
 from harness.memgen.options import MemGenOptions
 from harness.memgen.retrieval import WeaverRetrieval
-from harness.memgen.rl_stages import build_trigger, train_grpo_stage, train_trigger_stage
+from harness.memgen.rl_stages import build_trigger, phase_hook, train_grpo_stage, train_trigger_stage
 from harness.memgen.sft import SFTSchedule, pad_id_of, prefix_batch, train_weaver
 from harness.memgen.trigger import TriggerRecorder, load_trigger, save_trigger
 from harness.memgen.turns import turn_points
@@ -136,7 +136,7 @@ class MemGen:
         if self.opts.weaver_train in ("sft", "sft+grpo"):
             stats = train_weaver(self.mm, rows, self.is_delim, n_points, sch,
                                  label=f"memgen weaver sft on {task.name}", turn_points=turns, weaver_prefixes=prefixes,
-                                 on_step=getattr(self, "on_step", None))
+                                 on_step=phase_hook(self, "weaver-sft"))
         if self.opts.weaver_train in ("grpo", "sft+grpo"):  # weaver GRPO, from the SFT weaver with sft+grpo
             stats["grpo"] = train_grpo_stage(self, task, examples, stage)
         if self.retrieval is not None:

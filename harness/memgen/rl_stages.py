@@ -8,7 +8,8 @@ weaver's SFT stage does (steps from ``train.max_steps`` or epochs, ``train.*`` o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,12 @@ def build_trigger(mm: MemGenModel, seed: int) -> TriggerHead | TriggerLM | None:
         return TriggerHead(mm.lm_head.weight.shape[1]).to(device=w.device, dtype=w.dtype)
 
 
+def phase_hook(method: Any, phase: str) -> Callable[[int, int, float], None] | None:
+    """The runner's progress hook (``method.on_step``) with MemGen's training phase named; None without one."""
+    hook = getattr(method, "on_step", None)
+    return None if hook is None else functools.partial(hook, phase=phase)
+
+
 def _budget(method: MemGen, task: Task) -> int:
     return method.cfg.eval.max_new_tokens or task.max_new_tokens
 
@@ -56,7 +63,7 @@ def train_grpo_stage(method: MemGen, task: Task, examples: Sequence[Example], st
     sch = dataclasses.replace(sch, steps=_steps(method, len(examples), o.grpo_prompts_per_step, o.grpo_steps),
                               temperature=o.grpo_temperature)
     return train_weaver_grpo(method.mm, task, examples, method.is_delim, sch,
-                             label=f"memgen weaver grpo on {task.name}", on_step=getattr(method, "on_step", None))
+                             label=f"memgen weaver grpo on {task.name}", on_step=phase_hook(method, "weaver-grpo"))
 
 
 def train_trigger_stage(method: MemGen, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
@@ -69,5 +76,5 @@ def train_trigger_stage(method: MemGen, task: Task, examples: Sequence[Example],
                           seed=derive_seed(method.cfg.seed, "memgen-trigger", stage),
                           max_new_tokens=_budget(method, task), lam=o.trigger_lam)
     stats = train_trigger(method.mm, method.trigger, task, examples, method.is_delim, sch,
-                          label=f"memgen trigger on {task.name}", on_step=getattr(method, "on_step", None))
+                          label=f"memgen trigger on {task.name}", on_step=phase_hook(method, "trigger"))
     return {"model": o.trigger_model, **stats}
