@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from harness.distributed import launched
+from harness.distributed import SYNC_LOG_ENV, launched
 
 
 def _flag(name: str) -> bool:
@@ -45,9 +45,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def fsdp_launch() -> bool:
+    """A launch with an FSDP config (``accelerate launch`` sets ACCELERATE_USE_FSDP)."""
+    return launched() and _flag("ACCELERATE_USE_FSDP")
+
+
 def fsdp_on_cpu() -> bool:
-    """A launch with an FSDP config (``accelerate launch`` sets ACCELERATE_USE_FSDP) on CPU processes."""
-    return launched() and _flag("ACCELERATE_USE_FSDP") and (_flag("ACCELERATE_USE_CPU") or not _cuda())
+    """An FSDP launch on CPU processes."""
+    return fsdp_launch() and (_flag("ACCELERATE_USE_CPU") or not _cuda())
 
 
 def deepspeed_launch() -> bool:
@@ -62,7 +67,7 @@ def unsharded_methods(methods: list[str] | tuple[str, ...]) -> list[str]:
     """The methods of a run that train data-parallel with whole weights although the launch asks for FSDP or
     DeepSpeed (MemGen's and the retrieval methods' own loops sum gradients by all-reduce, with no engine); empty
     outside such a launch. ``run`` says so in one line rather than let the config look applied."""
-    if not (launched() and (_flag("ACCELERATE_USE_FSDP") or _flag("ACCELERATE_USE_DEEPSPEED"))):
+    if not (fsdp_launch() or deepspeed_launch()):
         return []
     return [m for m in methods if m not in SHARDING_METHODS and m != "vanilla"]
 
@@ -196,7 +201,7 @@ def fsdp_prepare(model: Any, optimizer: Any) -> Any:
     """Under an FSDP2 launch: shard ``model`` in place (once; later calls only re-map the parameters) and return
     ``optimizer`` prepared with it, its parameters swapped for the shards. Otherwise ``optimizer`` unchanged (DDP
     comes from ``ddp_model``). accelerate insists on preparing the model and its optimizer together under FSDP2."""
-    if not (launched() and _flag("ACCELERATE_USE_FSDP")):
+    if not fsdp_launch():
         return optimizer
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -247,8 +252,9 @@ def release_engine(accelerator: Any) -> None:
     """After a training under DeepSpeed: destroy its engine (``Accelerator.free_memory``), which removes the module
     hooks (ZeRO-3 all-gathers in them) and the gradient hooks of its optimizer, then the engine's own forward hooks,
     which ``destroy`` leaves on the model, and the parameters' links to the ZeRO-3 optimizer: they would keep the
-    engine, and its optimizer's fp32 master weights and moments, alive as long as the model. The model stays partitioned under ZeRO-3 until
-    ``gather_weights``; the next task's engine hooks it again. A no-op for other launches."""
+    engine, and its optimizer's fp32 master weights and moments, alive as long as the model. The model stays
+    partitioned under ZeRO-3 until ``gather_weights``; the next task's engine hooks it again. A no-op for other
+    launches."""
     wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
     if wrapped is None:
         return
@@ -319,7 +325,7 @@ def whole_weights(model: Any, engine: Any = None) -> Iterator[None]:
 
 
 # -- the two calls the methods make ---------------------------------------------------------------------------------
-_HELD: list[float] = []  # the fraction ``gather_weights`` found on this process last, for the sync log
+_HELD: list[float] = []  # the fraction ``gather_weights`` found on this process last, for the sync log only
 
 
 def held_fraction(model: Any) -> float:
@@ -349,7 +355,8 @@ def gather_weights(model: Any) -> None:
     ``model.parameters()`` are the plain full tensors (identical everywhere) and forwards make no collectives.
     Likewise the ZeRO-3-partitioned ones, once ``release_engine`` removed the engine's hooks. Records how much of
     the model this process owned before (``take_held_fraction``: that the training was really sharded)."""
-    _HELD[:] = [held_fraction(model)]
+    if os.environ.get(SYNC_LOG_ENV):  # only the sync log reads it; not worth a pass over the weights otherwise
+        _HELD[:] = [held_fraction(model)]
     _fsdp_gather(model)
     _zero3_gather(model)
 

@@ -1,7 +1,10 @@
 """Sweeps: the grid, skipping finished cells, emitted launch commands and SLURM script."""
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,13 +28,17 @@ def test_grid_and_validation(tmp_path):
         load_spec(None, {"base": {"bogus": 1}})
 
 
+def _sweep_command(tmp_path: Path, grid_yaml: str, *options: str) -> tuple[list[str], Path]:
+    """The ``sweep`` command over a grid file written from ``grid_yaml``, and its output root."""
+    grid, out = tmp_path / "grid.yaml", tmp_path / "sw"
+    grid.write_text(grid_yaml)
+    return [sys.executable, "-m", "harness.cli", "sweep", "--grid", str(grid), "--out", str(out), *options], out
+
+
 @pytest.mark.slow
 def test_sweep_runs_skips_and_emits(tmp_path):
-    grid = tmp_path / "grid.yaml"
-    grid.write_text("base: {model: tiny-random, limit: 2, eval: {max_new_tokens: 4}}\nsequence: arith,choice\n"
-                    "orders: latin\nmethods: [vanilla]\nseeds: [0, 1]\n")
-    out = tmp_path / "sw"
-    run = [sys.executable, "-m", "harness.cli", "sweep", "--grid", str(grid), "--out", str(out)]
+    run, out = _sweep_command(tmp_path, "base: {model: tiny-random, limit: 2, eval: {max_new_tokens: 4}}\n"
+                              "sequence: arith,choice\norders: latin\nmethods: [vanilla]\nseeds: [0, 1]\n")
     r = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 cells, 0 already complete" in r.stderr
@@ -47,15 +54,10 @@ def test_sweep_runs_skips_and_emits(tmp_path):
 
 @pytest.mark.slow
 def test_local_sweep_runs_each_cell_under_a_two_process_launch(tmp_path):
-    import json
-    import os
-
-    grid = tmp_path / "grid.yaml"
-    grid.write_text("base: {model: tiny-random, limit: 3, eval: {max_new_tokens: 4}, train: {max_steps: 1, "
-                    "batch_size: 2}}\nsequence: arith\nmethods: [sft]\nseeds: [0]\n")
-    out = tmp_path / "sw"
+    run, out = _sweep_command(tmp_path, "base: {model: tiny-random, limit: 3, eval: {max_new_tokens: 4}, train: "
+                              "{max_steps: 1, batch_size: 2}}\nsequence: arith\nmethods: [sft]\nseeds: [0]\n",
+                              "--num-processes", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMGEN_BENCH_SYNC_LOG": str(tmp_path / "sync")}
-    run = [sys.executable, "-m", "harness.cli", "sweep", "--grid", str(grid), "--out", str(out), "--num-processes", "2"]
     r = subprocess.run(run, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "arith" / "seed0" / "sft" / "summary.json").read_text())
