@@ -7,8 +7,9 @@ was just learned in row i and sits in column i-1; ``R[i][i-1]`` is the diagonal.
 Formulas (T tasks; a_{i,j} = accuracy on task j after training on task i, 1-based, a_{0,j} = init):
 - ACC (average accuracy)      = (1/T) sum_j a_{T,j}
 - BWT (GEM, Lopez-Paz & Ranzato 2017) = (1/(T-1)) sum_{i<T} (a_{T,i} - a_{i,i})      [``bwt_divisor="T"``: / T]
-- FWT (GEM)                   = (1/(T-1)) sum_{i>1} (a_{i-1,i} - a_{0,i})
-- Forgetting (Chaudhry 2018)  = (1/(T-1)) sum_{j<T} (max_{1<=l<T} a_{l,j} - a_{T,j})
+- FWT (GEM)                   = (1/(T-1)) sum_{i>1} (a_{i-1,i} - a_{0,i})      [``fwt_divisor="T"``: / T]
+- Forgetting (Chaudhry 2018)  = (1/(T-1)) sum_{j<T} (max_{j<=l<T} a_{l,j} - a_{T,j})
+  (only rows from the one that learned task j on: before it the task was not learned, nothing can be forgotten)
   [``forgetting_kind="first_last"`` (Avalanche): a_{j,j} - a_{T,j}]
 - Learning accuracy           = (1/T) sum_i a_{i,i}
 - Retention                   = (1/(T-1)) sum_{i<T} a_{T,i} / a_{i,i}   (tasks with a_{i,i} = 0 are skipped)
@@ -18,6 +19,7 @@ Every function returns NaN when the metric is undefined (e.g. BWT with one task)
 Conventions (``Conventions`` / ``PRESETS``; the default is the GEM paper's, which the MemGen paper's figures use):
 - ``bwt_divisor``: "T-1" (GEM paper) or "T" (GEM's public code; also TRACE's "average over the t tasks seen so
   far" at t = T, whose last term a_{T,T} - a_{T,T} is 0).
+- ``fwt_divisor``: "T-1" (GEM paper) or "T" (GEM's public code, whose ``fwt.mean()`` includes a first entry 0).
 - ``forgetting``: "max" (Chaudhry et al. 2018, max-minus-last) or "first_last" (Avalanche, first-minus-last).
 - ``acc``: "final" (GEM ACC = TRACE OP_T) or "incremental" (mean over stages t of OP_t, the average over the
   tasks seen so far: Rebuffi et al.'s average incremental accuracy).
@@ -28,6 +30,7 @@ BWT_t = (1/t) sum_{i<=t} (a_{t,i} - a_{i,i}).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,11 +47,29 @@ def as_matrix(R: Matrix) -> np.ndarray:
     return a
 
 
+def as_matrices(R: Matrix) -> np.ndarray:
+    """Validate a matrix (T+1, T) or a batch of them (..., T+1, T), e.g. bootstrap replicates."""
+    a = np.asarray(R, dtype=float)
+    if a.ndim < 2 or a.shape[-1] < 1 or a.shape[-2] != a.shape[-1] + 1:
+        raise ValueError(f"R must have shape (T+1, T) with row 0 = init; got {a.shape}")
+    return a
+
+
+def _out(x: np.ndarray | float) -> float | np.ndarray:
+    """A float for one matrix, an array of the batch shape for a batch."""
+    return float(x) if np.ndim(x) == 0 else np.asarray(x)
+
+
+def _nan(a: np.ndarray) -> float | np.ndarray:
+    return math.nan if a.ndim == 2 else np.full(a.shape[:-2], np.nan)
+
+
 def n_tasks(R: Matrix) -> int:
-    return as_matrix(R).shape[1]
+    return as_matrices(R).shape[-1]
 
 
 BWT_DIVISORS = ("T-1", "T")
+FWT_DIVISORS = ("T-1", "T")
 FORGETTING_KINDS = ("max", "first_last")
 ACC_KINDS = ("final", "incremental")
 
@@ -58,83 +79,97 @@ def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(valid)}")
 
 
-def average_accuracy(R: Matrix, kind: str = "final") -> float:
+# Every metric below takes one matrix (T+1, T) and returns a float, or a batch (..., T+1, T) and returns an array
+# of the batch shape: the bootstrap evaluates thousands of resampled matrices at once.
+
+
+def average_accuracy(R: Matrix, kind: str = "final") -> float | np.ndarray:
     _check("acc convention", kind, ACC_KINDS)
-    a = as_matrix(R)
+    a = as_matrices(R)
     if kind == "incremental":
-        return float(seen_so_far(a)["op"].mean())
-    return float(a[-1].mean())  # mean over the T columns of the last row
+        return _out(seen_so_far(a)["op"].mean(axis=-1))
+    return _out(a[..., -1, :].mean(axis=-1))  # mean over the T columns of the last row
 
 
 def seen_so_far(R: Matrix) -> dict[str, np.ndarray]:
-    """TRACE-style curves over stages t = 1..T: ``op`` (T,) = mean of a_{t,1..t}; ``bwt`` (T,) =
+    """TRACE-style curves over stages t = 1..T: ``op`` (..., T) = mean of a_{t,1..t}; ``bwt`` (..., T) =
     (1/t) sum_{i<=t} (a_{t,i} - a_{i,i}) (0 at t = 1, where only the just-learned task is seen)."""
-    a = as_matrix(R)
-    T = a.shape[1]
-    d = diagonal(a)  # (T,)
-    op = np.array([a[t, :t].mean() for t in range(1, T + 1)])  # (T,)
-    bwt = np.array([(a[t, :t] - d[:t]).mean() for t in range(1, T + 1)])  # (T,)
+    a = as_matrices(R)
+    T = a.shape[-1]
+    d = diagonal(a)  # (..., T)
+    op = np.stack([a[..., t, :t].mean(axis=-1) for t in range(1, T + 1)], axis=-1)  # (..., T)
+    bwt = np.stack([(a[..., t, :t] - d[..., :t]).mean(axis=-1) for t in range(1, T + 1)], axis=-1)  # (..., T)
     return {"op": op, "bwt": bwt}
 
 
 def diagonal(R: Matrix) -> np.ndarray:
-    """a_{i,i} for i = 1..T: accuracy on each task right after learning it. Shape (T,)."""
-    a = as_matrix(R)
-    T = a.shape[1]
-    return a[np.arange(1, T + 1), np.arange(T)]
+    """a_{i,i} for i = 1..T: accuracy on each task right after learning it. Shape (..., T)."""
+    a = as_matrices(R)
+    T = a.shape[-1]
+    return a[..., np.arange(1, T + 1), np.arange(T)]
 
 
-def backward_transfer(R: Matrix, divisor: str = "T-1") -> float:
+def backward_transfer(R: Matrix, divisor: str = "T-1") -> float | np.ndarray:
     _check("bwt divisor", divisor, BWT_DIVISORS)
-    a = as_matrix(R)
-    T = a.shape[1]
+    a = as_matrices(R)
+    T = a.shape[-1]
     if T < 2:
-        return math.nan
-    diffs = a[T, : T - 1] - diagonal(a)[: T - 1]  # (T-1,)
-    return float(diffs.sum() / (T if divisor == "T" else T - 1))
+        return _nan(a)
+    diffs = a[..., T, : T - 1] - diagonal(a)[..., : T - 1]  # (..., T-1)
+    return _out(diffs.sum(axis=-1) / (T if divisor == "T" else T - 1))
 
 
-def forward_transfer(R: Matrix) -> float:
-    a = as_matrix(R)
-    T = a.shape[1]
+def forward_transfer(R: Matrix, divisor: str = "T-1") -> float | np.ndarray:
+    """GEM's FWT. ``divisor="T"`` is GEM's code: ``fwt.mean()`` over T entries whose first is 0."""
+    _check("fwt divisor", divisor, FWT_DIVISORS)
+    a = as_matrices(R)
+    T = a.shape[-1]
     if T < 2:
-        return math.nan
-    before = a[np.arange(1, T), np.arange(1, T)]  # a_{i-1,i} for i=2..T, (T-1,)
-    return float((before - a[0, 1:]).mean())
+        return _nan(a)
+    before = a[..., np.arange(1, T), np.arange(1, T)]  # a_{i-1,i} for i=2..T, (..., T-1)
+    return _out((before - a[..., 0, 1:]).sum(axis=-1) / (T if divisor == "T" else T - 1))
 
 
-def forgetting(R: Matrix, kind: str = "max") -> float:
+def _best_since_learned(a: np.ndarray) -> np.ndarray:
+    """max_{j<=l<T} a_{l,j} for j = 1..T-1 (1-based): the best accuracy on task j from the row that learned it to
+    the row before the last. Rows before j are excluded: the task was not learned yet. Shape (..., T-1)."""
+    T = a.shape[-1]
+    sub = a[..., 1:T, : T - 1]  # rows 1..T-1, columns 1..T-1 (1-based): (..., T-1, T-1)
+    learned = np.arange(1, T)[:, None] >= np.arange(1, T)[None, :]  # (T-1, T-1): row l >= task j
+    return np.where(learned, sub, -np.inf).max(axis=-2)
+
+
+def forgetting(R: Matrix, kind: str = "max") -> float | np.ndarray:
     _check("forgetting convention", kind, FORGETTING_KINDS)
-    a = as_matrix(R)
-    T = a.shape[1]
+    a = as_matrices(R)
+    T = a.shape[-1]
     if T < 2:
-        return math.nan
-    if kind == "first_last":
-        return float((diagonal(a)[: T - 1] - a[T, : T - 1]).mean())
-    best = a[1:T, : T - 1].max(axis=0)  # max over rows 1..T-1, (T-1,)
-    return float((best - a[T, : T - 1]).mean())
+        return _nan(a)
+    ref = diagonal(a)[..., : T - 1] if kind == "first_last" else _best_since_learned(a)  # (..., T-1)
+    return _out((ref - a[..., T, : T - 1]).mean(axis=-1))
 
 
-def learning_accuracy(R: Matrix) -> float:
-    return float(diagonal(R).mean())
+def learning_accuracy(R: Matrix) -> float | np.ndarray:
+    return _out(diagonal(R).mean(axis=-1))
 
 
 def retention_per_task(R: Matrix) -> np.ndarray:
-    """a_{T,i} / a_{i,i} for every task (NaN where a_{i,i} = 0). Shape (T,); the last entry is 1 by definition."""
-    a = as_matrix(R)
+    """a_{T,i} / a_{i,i} for every task (NaN where a_{i,i} = 0). Shape (..., T); the last entry is 1 by definition."""
+    a = as_matrices(R)
     d = diagonal(a)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(d > 0, a[-1] / np.where(d > 0, d, 1.0), np.nan)
+        return np.where(d > 0, a[..., -1, :] / np.where(d > 0, d, 1.0), np.nan)
 
 
-def retention(R: Matrix) -> float:
-    a = as_matrix(R)
-    T = a.shape[1]
+def retention(R: Matrix) -> float | np.ndarray:
+    a = as_matrices(R)
+    T = a.shape[-1]
     if T < 2:
-        return math.nan
-    r = retention_per_task(a)[: T - 1]
-    r = r[~np.isnan(r)]
-    return float(r.mean()) if r.size else math.nan
+        return _nan(a)
+    r = retention_per_task(a)[..., : T - 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every a_{i,i} = 0: undefined, NaN
+        return _out(np.nanmean(r, axis=-1))
 
 
 def undefined_reason(name: str, R: Matrix) -> str | None:
@@ -147,21 +182,22 @@ def undefined_reason(name: str, R: Matrix) -> str | None:
     return None
 
 
-def summarize(R: Matrix, bwt_divisor: str = "T-1", forgetting_kind: str = "max", acc_kind: str = "final") -> dict:
+def summarize(R: Matrix, bwt_divisor: str = "T-1", forgetting_kind: str = "max", acc_kind: str = "final",
+              fwt_divisor: str = "T-1") -> dict:
     """All metrics under the keys of ``summary.json``, plus reasons for the undefined ones."""
     out = {
         "acc": average_accuracy(R, acc_kind),
         "bwt": backward_transfer(R, bwt_divisor),
-        "fwt": forward_transfer(R),
+        "fwt": forward_transfer(R, fwt_divisor),
         "forgetting": forgetting(R, forgetting_kind),
         "learning_acc": learning_accuracy(R),
         "retention": retention(R),
-        "retention_per_task": [None if math.isnan(x) else float(x) for x in retention_per_task(R)],
+        "retention_per_task": [None if math.isnan(x) else float(x) for x in retention_per_task(as_matrix(R))],
     }
     reasons = {k: r for k in ("bwt", "fwt", "forgetting", "retention") if (r := undefined_reason(k, R))}
     out["undefined"] = reasons
-    out["conventions"] = {"bwt_divisor": bwt_divisor, "forgetting": forgetting_kind, "acc": acc_kind,
-                          "scale": "percent"}
+    out["conventions"] = {"bwt_divisor": bwt_divisor, "fwt_divisor": fwt_divisor, "forgetting": forgetting_kind,
+                          "acc": acc_kind, "scale": "percent"}
     return out
 
 
@@ -172,20 +208,26 @@ class Conventions:
     bwt_divisor: str = "T-1"
     """"T-1" (GEM paper, default) or "T" (GEM's code; TRACE's seen-so-far average at the last stage)."""
     forgetting: str = "max"
-    """"max" (Chaudhry et al. 2018: best earlier accuracy minus last, default) or "first_last" (Avalanche)."""
+    """"max" (Chaudhry et al. 2018: best accuracy since the task was learned minus last, default) or "first_last"
+    (Avalanche)."""
     acc: str = "final"
     """"final" (mean of the last row, default) or "incremental" (mean over stages of the seen-so-far average)."""
+    fwt_divisor: str = "T-1"
+    """"T-1" (GEM paper, default: the T-1 tasks that have a previous stage) or "T" (GEM's code averages T entries,
+    the first of which is 0)."""
 
     def __post_init__(self) -> None:
         _check("bwt divisor", self.bwt_divisor, BWT_DIVISORS)
         _check("forgetting convention", self.forgetting, FORGETTING_KINDS)
         _check("acc convention", self.acc, ACC_KINDS)
+        _check("fwt divisor", self.fwt_divisor, FWT_DIVISORS)
 
 
 # Named presets; "gem" is the default and the one the MemGen paper's continual-learning figures follow.
 PRESETS: dict[str, Conventions] = {
     "gem": Conventions(),
-    "gem-code": Conventions(bwt_divisor="T"),
+    # GEM's metrics.py: bwt.mean() and fwt.mean() over all T tasks (the last BWT and first FWT entries are 0)
+    "gem-code": Conventions(bwt_divisor="T", fwt_divisor="T"),
     "trace": Conventions(bwt_divisor="T"),
     "avalanche": Conventions(forgetting="first_last"),
     "chaudhry": Conventions(forgetting="max"),
@@ -207,26 +249,26 @@ def conventions(name: str | Conventions | None) -> Conventions:
 def summarize_with(R: Matrix, conv: str | Conventions | None = None) -> dict:
     """``summarize`` under a named convention preset (or a ``Conventions``)."""
     c = conventions(conv)
-    return summarize(R, c.bwt_divisor, c.forgetting, c.acc)
+    return summarize(R, c.bwt_divisor, c.forgetting, c.acc, c.fwt_divisor)
 
 
 def per_task(R: Matrix, forgetting_kind: str = "max") -> dict[str, np.ndarray]:
-    """Per-task quantities, each of shape (T,) in column order (NaN where undefined):
+    """Per-task quantities, each of shape (..., T) in column order (NaN where undefined):
     ``init`` a_{0,j}; ``learned`` a_{j,j}; ``final`` a_{T,j}; ``bwt`` a_{T,j} - a_{j,j} (NaN for the last task);
     ``fwt`` a_{j-1,j} - a_{0,j} (NaN for the first); ``forgetting`` and ``retention`` a_{T,j} / a_{j,j} (NaN for the
     last task, and for retention where a_{j,j} = 0)."""
     _check("forgetting convention", forgetting_kind, FORGETTING_KINDS)
-    a = as_matrix(R)
-    T = a.shape[1]
-    d = diagonal(a)  # (T,)
-    nan = np.full(T, np.nan)
+    a = as_matrices(R)
+    T = a.shape[-1]
+    d = diagonal(a)  # (..., T)
+    nan = np.full(a.shape[:-2] + (T,), np.nan)
     bwt, fwt, forg = nan.copy(), nan.copy(), nan.copy()
-    bwt[: T - 1] = a[T, : T - 1] - d[: T - 1]
-    fwt[1:] = a[np.arange(1, T), np.arange(1, T)] - a[0, 1:]
+    bwt[..., : T - 1] = a[..., T, : T - 1] - d[..., : T - 1]
+    fwt[..., 1:] = a[..., np.arange(1, T), np.arange(1, T)] - a[..., 0, 1:]
     if T > 1:
-        ref = d[: T - 1] if forgetting_kind == "first_last" else a[1:T, : T - 1].max(axis=0)  # (T-1,)
-        forg[: T - 1] = ref - a[T, : T - 1]
+        ref = d[..., : T - 1] if forgetting_kind == "first_last" else _best_since_learned(a)  # (..., T-1)
+        forg[..., : T - 1] = ref - a[..., T, : T - 1]
     ret = retention_per_task(a)
-    ret[T - 1] = np.nan  # the last task is retained by definition (a_{T,T} / a_{T,T}): not informative
-    return {"init": a[0].copy(), "learned": d, "final": a[T].copy(), "bwt": bwt, "fwt": fwt,
+    ret[..., T - 1] = np.nan  # the last task is retained by definition (a_{T,T} / a_{T,T}): not informative
+    return {"init": a[..., 0, :].copy(), "learned": d, "final": a[..., T, :].copy(), "bwt": bwt, "fwt": fwt,
             "forgetting": forg, "retention": ret}

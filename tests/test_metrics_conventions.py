@@ -43,8 +43,44 @@ def test_presets_select_the_published_definitions():
     assert M.summarize_with(R3, "avalanche")["forgetting"] == pytest.approx(((40 - 10) + (50 - 20)) / 2)
     # average incremental accuracy: mean over t of OP_t = (40 + (60+50)/2 + (10+20+90)/3) / 3
     assert M.summarize_with(R3, "incremental")["acc"] == pytest.approx((40 + 55 + 40) / 3)
-    assert M.summarize_with(R3)["conventions"] == {"bwt_divisor": "T-1", "forgetting": "max", "acc": "final",
-                                                    "scale": "percent"}
+    assert M.summarize_with(R3)["conventions"] == {"bwt_divisor": "T-1", "fwt_divisor": "T-1", "forgetting": "max",
+                                                    "acc": "final", "scale": "percent"}
+
+
+def test_gem_code_divides_fwt_by_T():
+    # GEM's metrics.py: fwt = zeros(T); fwt[t] = result[t-1, t] - baseline[t] for t >= 1; print fwt.mean().
+    # Here FWT entries (25-20) and (35-30): GEM paper (5+5)/2 = 5, GEM code (0+5+5)/3 = 10/3.
+    assert M.summarize_with(R)["fwt"] == pytest.approx(5.0)
+    assert M.summarize_with(R, "gem-code")["fwt"] == pytest.approx(10 / 3)
+    assert M.forward_transfer(R, "T") == pytest.approx(10 / 3)
+    assert M.summarize_with(R, "gem-code")["conventions"]["fwt_divisor"] == "T"
+    assert M.summarize_with(R, "trace")["fwt"] == pytest.approx(5.0)  # TRACE defines no FWT divisor: the paper's
+
+
+def test_chaudhry_forgetting_ignores_rows_before_the_task_was_learned():
+    # Task 2 scores 80 after task 1 (before it was learned: transfer, not knowledge) and 30 after learning it;
+    # 10 at the end. Chaudhry: max over l in [2, T-1] = a_{2,2} = 30 -> forgets 20, not 70.
+    R4 = [[0, 0, 0], [50, 80, 0], [40, 30, 0], [20, 10, 90]]
+    # task 1: max(50, 40) - 20 = 30; task 2: max(30) - 10 = 20
+    assert M.forgetting(R4) == pytest.approx((30 + 20) / 2)
+    np.testing.assert_allclose(M.per_task(R4)["forgetting"], [30, 20, np.nan])
+    assert M.summarize_with(R4, "chaudhry")["forgetting"] == pytest.approx(25.0)
+
+
+def test_metrics_accept_a_batch_of_matrices():
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(0, 100, size=(2, 5, 5, 4))  # (2, 5) matrices of 4 tasks
+    batch[0, 0, 2, 1] = 0.0  # one zero on the diagonal: retention skips that task
+    for f in (M.average_accuracy, M.backward_transfer, M.forward_transfer, M.forgetting, M.learning_accuracy,
+              M.retention, lambda r: M.forgetting(r, "first_last"), lambda r: M.average_accuracy(r, "incremental"),
+              lambda r: M.forward_transfer(r, "T")):
+        got = f(batch)
+        assert got.shape == (2, 5)
+        np.testing.assert_allclose(got, [[f(batch[i, j]) for j in range(5)] for i in range(2)])
+    pt = M.per_task(batch)
+    for key, v in pt.items():
+        assert v.shape == (2, 5, 4)
+        np.testing.assert_allclose(v[1, 3], M.per_task(batch[1, 3])[key])
 
 
 def test_existing_signatures_still_work():
