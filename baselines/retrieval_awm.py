@@ -1,21 +1,33 @@
-"""AWM-style workflow memory: reusable workflows induced from successful trajectories, retrieved into the context.
+"""AWM-style workflow memory: reusable workflows induced across solved examples, retrieved into the context.
 
-Implements the idea of Agent Workflow Memory (Wang et al., "Agent Workflow Memory", 2024) in our harness. While
-"training" on a task the frozen model attempts the training problems (or, with ``store=gold``, the gold solutions
-are used: AWM's offline setting); successful trajectories are turned into workflows with the example-specific
-values replaced by placeholders, identical workflows are merged (their ``support`` counts how many trajectories
-produced them), and at test time the top-k workflows nearest to the question are put before it.
+Implements Agent Workflow Memory (Wang et al., "Agent Workflow Memory", 2024; reference code
+zorazrw/agent-workflow-memory) in our harness. AWM's offline induction (``mind2web/offline_induction.py``) gives an
+LM all training examples of one website in one prompt and asks for the common sub-routines as "summary workflows",
+with example-specific values replaced by named placeholders ("{product-name}"); its rule-based variant
+(``webarena/workflow_induction.py``) abstracts each trajectory to its sequence of action types and keeps one
+trajectory per distinct abstract sequence. At test time every workflow of the website is in the agent's context.
+
+Here (``induction=rule``, the default) workflows are induced across several solved examples of a task by
+anti-unification: solutions are split into tokens (numbers, words, single punctuation marks) and grouped by shape
+(the token classes, punctuation kept literal); in a group of at least ``min_support`` examples a token that is the
+same in every example is part of the workflow, and a token that differs is an example value, so it becomes a
+placeholder: ``{v1}, {v2}, ...`` when it is a value from the question (same values across the group = same
+placeholder, numbered in question order), ``{r1}, {r2}, ...`` when the solution computes it. The retrieval key is
+the group's question anti-unified the same way. One workflow thus stands for the common sub-routine of every
+example of its group, with what the examples do not share abstracted away; an identical workflow from a later
+stage adds to the ``support`` of the stored one. ``induction=model`` asks the frozen model to write a workflow
+from ``examples_per_induction`` solved examples per call (AWM's LM induction; weak with a 135M model). Workflows
+go before the text of the task's first user message in its real message list (a multi-turn task keeps its
+conversation).
 
 Departures from the paper:
-- Induction is rule-based by default (``induction=rule``; AWM reports a rule-based variant next to its LM-based
-  one): words of a question that are not the task's fixed wording (fixed = occurring in at least 80% of the
-  task's training questions), every number and every single capital letter become ``{v1}, {v2}, ...`` in the
-  question and in the solution; numbers that only the solution has become ``{r1}, {r2}, ...``. ``induction=model``
-  asks the frozen model to write the workflow from a few successes (AWM's LM induction; weak with a 135M model).
-- AWM keeps all workflows of a website in memory; here workflows from every task share one memory and the ``k``
-  nearest to the question are retrieved (retrieval key: the abstract question).
-- Single-turn tasks: a workflow is an abstract solution, not a sequence of web actions.
-- Online (``store=self``) induction runs after each attempt round, so retries already see this task's workflows.
+- The rule induction generalises over whole solutions of one shape (AWM's LM finds sub-routines inside
+  trajectories; its rule variant dedups whole trajectories but abstracts nothing). Environment episodes rarely
+  share a shape, so they yield few rule workflows.
+- Workflows from every task share one memory and the ``k`` nearest to the question are retrieved (AWM puts all
+  workflows of the website in context); ``task_scoped`` retrieves only the current task's.
+- Online (``store=self``) induction runs once per task over all of its successes (AWM online induces after each
+  test query); attempts stop after ``give_up_after`` attempts without a success.
 """
 
 from __future__ import annotations
@@ -23,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,23 +44,26 @@ from harness.config import RunConfig, from_dict
 from harness.generation import generate_greedy
 from harness.models import LoadedModel
 from harness.retrieval_index import (
-    Attempt,
     MemoryStore,
     RetrievalOptions,
+    approx_tokens,
     attempt_examples,
     chat_prompt,
     check_options,
-    user_message,
+    last_turn_per_episode,
+    memory_prompt,
+    retrieval_key,
+    shot_turns,
+    task_messages,
+    turns_text,
 )
 from harness.store import atomic_write_json
 from tasks.base import Example, Task
 
 INDUCTIONS = ("rule", "model")
 MAX_WORKFLOW_CHARS = 600
-_TOKEN_RE = re.compile(r"\d+|[A-Za-z]+")
-# Share of a task's questions a word must occur in to count as fixed wording (high, so that a value that happens
-# to recur in a small sample is still abstracted).
-TEMPLATE_SHARE = 0.8
+# A number (with its sign when the minus is attached), a word, or one punctuation mark.
+_LEX_RE = re.compile(r"-?\d+(?:\.\d+)?|[A-Za-z]+|[^\sA-Za-z\d]")
 
 INDUCTION_PROMPT = (
     "Here are solved examples of one kind of problem.\n\n{examples}\n\n"
@@ -65,65 +79,111 @@ class AWMOptions(RetrievalOptions):
     k: int = 2
     """Workflows retrieved per question."""
     induction: str = "rule"
-    """``rule`` (placeholder abstraction of each success) or ``model`` (the frozen model writes the workflow)."""
-    min_support: int = 1
-    """A rule-induced workflow enters the memory when at least this many trajectories of the stage produce it."""
+    """``rule`` (anti-unification across solved examples of one shape) or ``model`` (the model writes them)."""
+    min_support: int = 2
+    """``induction=rule``: solved examples a workflow must generalise (at least 2: one example abstracts nothing)."""
     examples_per_induction: int = 3
     """``induction=model``: successes shown in one induction call."""
     model_inductions: int = 2
-    """``induction=model``: induction calls per task and round."""
+    """``induction=model``: induction calls per task."""
     induction_tokens: int = 128
     """``induction=model``: generation budget of one induction call."""
 
 
-def _is_value(tok: str, template: set[str]) -> bool:
-    return tok.isdigit() or (len(tok) == 1 and tok.isupper()) or tok.lower() not in template
+# -- pure induction functions ----------------------------------------------------------------------------------
+def lex(text: str) -> tuple[list[str], list[str]]:
+    """(tokens, separators): ``separators[i]`` is the text before token i, the last one the text after the end, so
+    ``"".join(s + t for s, t in zip(seps, toks)) + seps[-1] == text``."""
+    toks, seps, pos = [], [], 0
+    for m in _LEX_RE.finditer(text):
+        seps.append(text[pos : m.start()])
+        toks.append(m.group(0))
+        pos = m.end()
+    return toks, [*seps, text[pos:]]
 
 
-def _key(tok: str) -> str:
-    # Single letters keep their case so an option letter "A" never matches the article "a".
-    return tok if len(tok) == 1 else tok.lower()
+def _cls(tok: str) -> str:
+    return "N" if tok[-1].isdigit() else ("W" if tok[0].isalpha() else tok)
 
 
-def template_words(questions: Sequence[str]) -> set[str]:
-    """Lower-cased words (not numbers or single capitals) found in at least ``TEMPLATE_SHARE`` of the questions: the task's
-    fixed wording, which a workflow keeps verbatim."""
-    counts: Counter[str] = Counter()
-    for q in questions:
-        counts.update({t.lower() for t in _TOKEN_RE.findall(q) if not t.isdigit() and not (len(t) == 1 and t.isupper())})
-    return {w for w, c in counts.items() if c >= TEMPLATE_SHARE * len(questions)}
+def shape(text: str) -> tuple[str, ...]:
+    """Token classes: N (number), W (word), punctuation as itself."""
+    return tuple(_cls(t) for t in lex(text)[0])
 
 
-def abstract_trajectory(question: str, solution: str, template: set[str]) -> tuple[str, str]:
-    """(abstract question, abstract solution): question values -> {v1}, {v2}, ... (same value, same placeholder,
-    matched case-insensitively in the solution); numbers only the solution has -> {r1}, {r2}, ..."""
-    values: dict[str, str] = {}
-    derived: dict[str, str] = {}
-
-    def in_question(m: re.Match[str]) -> str:
-        tok = m.group(0)
-        if not _is_value(tok, template):
-            return tok
-        return values.setdefault(_key(tok), f"{{v{len(values) + 1}}}")
-
-    def in_solution(m: re.Match[str]) -> str:
-        tok = m.group(0)
-        if _key(tok) in values:
-            return values[_key(tok)]
-        if tok.isdigit():
-            return derived.setdefault(tok, f"{{r{len(derived) + 1}}}")
-        return tok
-
-    abs_q = _TOKEN_RE.sub(in_question, question)
-    return abs_q, _TOKEN_RE.sub(in_solution, solution)
+def _norm(tok: str) -> str:
+    return tok if len(tok) == 1 else tok.lower()  # an option letter "A" never matches the article "a"
 
 
-def workflow_block(hits: Sequence[tuple[dict[str, Any], float]]) -> str:
-    if not hits:
+def anti_unify(questions: Sequence[str], solutions: Sequence[str]) -> tuple[str | None, str]:
+    """The least general (question, solution) pattern of examples whose solutions share one shape.
+
+    A position whose token is the same in every example stays; one that differs becomes a placeholder named by its
+    values across the examples (equal values, compared case-insensitively, share a placeholder): ``{vN}`` when the
+    values occur in the questions (numbered in question order), ``{rN}`` when only the solutions have them. The
+    question pattern is None when the questions do not share one shape (then values are looked up in each
+    example's question tokens). Text between tokens is taken from the first example."""
+    sol = [lex(s) for s in solutions]
+    if len({len(t) for t, _ in sol}) != 1 or len({shape(s) for s in solutions}) != 1:
+        raise ValueError("anti_unify needs solutions of one shape")
+    qs = [lex(q) for q in questions]
+    joint = len({shape(q) for q in questions}) == 1
+    names: dict[tuple[str, ...], str] = {}
+
+    def name(sig: tuple[str, ...], from_question: bool) -> str:
+        if sig not in names:
+            kind = "v" if from_question else "r"
+            names[sig] = f"{{{kind}{sum(n[1] == kind for n in names.values()) + 1}}}"
+        return names[sig]
+
+    def build(lexed: list[tuple[list[str], list[str]]], question: bool) -> str:
+        toks0, seps0 = lexed[0]
+        out = []
+        for i, tok in enumerate(toks0):
+            sig = tuple(_norm(t[i]) for t, _ in lexed)
+            if len(set(sig)) == 1:
+                out.append(seps0[i] + tok)
+            elif question or sig in names:
+                out.append(seps0[i] + name(sig, True) if question else seps0[i] + names[sig])
+            else:
+                in_q = not joint and all(v in {_norm(t) for t in q[0]} for v, q in zip(sig, qs, strict=True))
+                out.append(seps0[i] + name(sig, in_q))
+        return "".join(out) + seps0[-1]
+
+    abs_q = build(qs, True) if joint else None
+    return abs_q, build(sol, False)
+
+
+def induce_rule_workflows(items: Sequence[tuple[str, str, str]], min_support: int) -> list[dict[str, Any]]:
+    """Workflows from (question, retrieval key, solution) triples: one per solution shape with at least
+    ``min_support`` examples, as ``{"key", "workflow", "support"}`` (key: the anti-unified question, else the first
+    example's key), largest groups first."""
+    groups: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
+    for it in items:
+        groups.setdefault(shape(it[2]), []).append(it)
+    out = []
+    for members in sorted(groups.values(), key=len, reverse=True):
+        if len(members) < min_support:
+            continue
+        abs_q, abs_s = anti_unify([m[0] for m in members], [m[2] for m in members])
+        out.append({"key": abs_q if abs_q is not None else members[0][1], "workflow": abs_s.strip(),
+                    "support": len(members)})
+    return out
+
+
+def workflow_block(hits: Sequence[tuple[dict[str, Any], float]], max_tokens: int) -> str:
+    """The retrieved workflows as text, best first kept within ``max_tokens``, shown most similar last."""
+    parts, room = [], max_tokens
+    for r, _ in hits:
+        part = f"(for questions like: {r['key']}; from {r['support']} solved examples)\n{r['workflow']}"
+        if approx_tokens(part) <= room:
+            parts.append(part)
+            room -= approx_tokens(part)
+    if not parts:
         return ""
-    parts = [f"Workflow {i} (for questions like: {r['key']})\n{r['workflow']}" for i, (r, _) in enumerate(hits, 1)]
-    return ("Workflows that solved similar problems ({v1}, {v2}, ... stand for values from the question; {r1}, "
-            "{r2}, ... for values you compute):\n" + "\n\n".join(parts) + "\n\n")
+    body = "\n\n".join(f"Workflow {i} {p}" for i, p in enumerate(reversed(parts), 1))
+    return ("Workflows that solved similar problems ({v1}, {v2}, ... stand for values from the question, {r1}, "
+            "{r2}, ... for values you compute; write the values, not the placeholders):\n" + body + "\n\n")
 
 
 class AWM:
@@ -134,52 +194,53 @@ class AWM:
         check_options(self.opts, "awm")
         if self.opts.induction not in INDUCTIONS:
             raise ValueError(f"method_options.awm.induction={self.opts.induction!r} is not valid; use rule or model")
-        if self.opts.min_support < 1 or self.opts.examples_per_induction < 1 or self.opts.model_inductions < 1:
-            raise ValueError("method_options.awm: min_support, examples_per_induction and model_inductions must be >= 1")
+        if self.opts.min_support < 2 or self.opts.examples_per_induction < 1 or self.opts.model_inductions < 1:
+            raise ValueError("method_options.awm: min_support must be >= 2, examples_per_induction and "
+                             "model_inductions >= 1")
         self.lm = model
         self.cfg = cfg
         self.memory = MemoryStore(self.opts)
         self.last_prompts: list[str] = []
+        self.generated_tokens = 0
 
     def build_prompts(self, task: Task, examples: Sequence[Example], touch: bool = False) -> list[str]:
-        hits = self.memory.search([e.question for e in examples], self.opts.k, touch=touch)
-        # Most similar workflow last, right before the question.
-        return [chat_prompt(self.lm.tokenizer, [], workflow_block(list(reversed(h))) + user_message(task, e))
+        scope = task.name if self.opts.task_scoped else None
+        hits = self.memory.search([retrieval_key(task, e) for e in examples], self.opts.k, touch=touch, task=scope)
+        return [memory_prompt(task, e, self.lm.tokenizer, (), workflow_block(h, self.opts.max_memory_tokens))
                 for e, h in zip(examples, hits, strict=True)]
 
     def _generate(self, prompts: list[str], budget: int) -> list[str]:
-        return generate_greedy(self.lm.model, self.lm.tokenizer, prompts, budget, self.cfg.eval.batch_size)
+        outs = generate_greedy(self.lm.model, self.lm.tokenizer, prompts, budget, self.cfg.eval.batch_size)
+        self.generated_tokens += sum(len(self.lm.tokenizer(o, add_special_tokens=False).input_ids) for o in outs)
+        return outs
 
     # -- induction ---------------------------------------------------------------------------------------------
-    def induce(self, task: Task, solved: Sequence[tuple[Example, str]], template: set[str], stage: int,
-               source: str) -> dict[str, int]:
-        """Turn (example, successful solution) pairs into workflows; merge duplicates; add to the memory."""
-        if not solved:
-            return {"induced": 0, "merged": 0}
+    def induce(self, task: Task, solved: Sequence[tuple[Example, str]], stage: int, source: str) -> dict[str, int]:
+        """Induce workflows from (example, successful reply) pairs; merge ones already stored; add the rest."""
+        solved = last_turn_per_episode([(e, (e, r)) for e, r in solved])
         found: dict[str, dict[str, Any]] = {}
+
+        def keep(key: str, text: str, support: int, how: str) -> None:
+            wid = hashlib.sha256(f"{task.name}\n{key}\n{text}".encode()).hexdigest()[:16]
+            item = found.setdefault(wid, {"id": wid, "task": task.name, "key": key, "workflow": text, "support": 0,
+                                          "stage": stage, "source": f"{source}/{how}"})
+            item["support"] += support
+
         if self.opts.induction == "rule":
-            for e, sol in solved:
-                abs_q, abs_s = abstract_trajectory(e.question, sol, template)
-                wid = hashlib.sha256(f"{task.name}\n{abs_q}\n{abs_s}".encode()).hexdigest()[:16]
-                item = found.setdefault(wid, {"id": wid, "task": task.name, "key": abs_q, "workflow": abs_s,
-                                              "support": 0, "stage": stage, "source": f"{source}/rule"})
-                item["support"] += 1
-            found = {w: r for w, r in found.items() if r["support"] >= self.opts.min_support}
+            items = [(retrieval_key(task, e), retrieval_key(task, e), solution_text(task, e, r)) for e, r in solved]
+            for w in induce_rule_workflows(items, self.opts.min_support):
+                keep(w["key"], w["workflow"], w["support"], "rule")
         else:
             n = self.opts.examples_per_induction
             for g in range(min(self.opts.model_inductions, -(-len(solved) // n))):
                 group = solved[g * n:(g + 1) * n]
-                shown = "\n\n".join(f"Example {i}:\nQuestion: {user_message(task, e)}\nSolution: {sol}"
-                                    for i, (e, sol) in enumerate(group, 1))
+                shown = "\n\n".join(f"Example {i}:\n{turns_text(shot_turns(task, e, r), 600)}"
+                                    for i, (e, r) in enumerate(group, 1))
                 msg = INDUCTION_PROMPT.format(examples=shown)
                 text = self._generate([chat_prompt(self.lm.tokenizer, [], msg)], self.opts.induction_tokens)[0]
                 text = text.strip()[:MAX_WORKFLOW_CHARS]
-                if not text:
-                    continue
-                abs_q, _ = abstract_trajectory(group[0][0].question, "", template)
-                wid = hashlib.sha256(f"{task.name}\n{abs_q}\n{text}".encode()).hexdigest()[:16]
-                found[wid] = {"id": wid, "task": task.name, "key": abs_q, "workflow": text, "support": len(group),
-                              "stage": stage, "source": f"{source}/model"}
+                if text:
+                    keep(retrieval_key(task, group[0][0]), text, len(group), "model")
         existing = {r["id"]: r for r in self.memory.records}
         merged = 0
         for wid, item in list(found.items()):
@@ -196,37 +257,37 @@ class AWM:
         o = self.opts
         budget = self.cfg.eval.max_new_tokens or task.max_new_tokens
         self.memory.latency.clear()
+        self.generated_tokens = 0
         evicted_before = self.memory.evicted
-        template = template_words([e.question for e in examples])  # from the inputs only
-        totals = {"induced": 0, "merged": 0}
 
         def prompt_for(e: Example, rnd: int) -> str:
             if rnd == 0:
-                return chat_prompt(self.lm.tokenizer, [], user_message(task, e))
+                return task.prompt(e, self.lm.tokenizer)  # the vanilla prompt
             return self.build_prompts(task, [e], touch=True)[0]
 
-        def induce_round(done: list[Attempt]) -> None:
-            if o.store == "self":
-                solved = [(examples[a.index], a.completion) for a in done if a.score >= o.success_threshold]
-                for k, v in self.induce(task, solved, template, stage, "self").items():
-                    totals[k] += v
-
-        tries: list[list[Attempt]] = [[] for _ in examples]
+        tries: list[list] = [[] for _ in examples]
+        gave_up = False
         if o.store == "self":  # offline (gold) induction needs no attempts
-            tries = attempt_examples(self._generate, task, examples, budget, prompt_for, o.retries,
-                                     o.success_threshold, induce_round)
-        if o.store == "gold":
-            for k, v in self.induce(task, [(e, e.target) for e in examples], template, stage, "gold").items():
-                totals[k] += v
-        probe = self.memory.probe_latency([e.question for e in examples[:32]], o.k)
+            log = attempt_examples(self._generate, task, examples, budget, prompt_for, o.retries,
+                                   o.success_threshold, give_up_after=o.give_up_after)
+            tries, gave_up = log.tries, log.gave_up
+            solved = [(examples[i], next(a.completion for a in ts if a.score >= o.success_threshold))
+                      for i, ts in enumerate(tries) if any(a.score >= o.success_threshold for a in ts)]
+        else:
+            solved = [(e, e.target) for e in examples]
+        totals = self.induce(task, solved, stage, o.store)
+        probe = self.memory.probe_latency([retrieval_key(task, e) for e in examples[:32]], o.k)
         return {
             "seconds": time.perf_counter() - t0,
+            "examples_seen": len(examples) if o.store == "gold" else sum(bool(ts) for ts in tries),
             "attempts": sum(len(ts) for ts in tries),
+            "attempts_cap": o.give_up_after if o.store == "self" else None,
+            "gave_up": gave_up,
             "solved_zero_shot": sum(ts[0].score >= o.success_threshold for ts in tries if ts),
             "solved_any_round": sum(any(a.score >= o.success_threshold for a in ts) for ts in tries),
+            "generated_tokens": self.generated_tokens,
             "workflows_induced": totals["induced"],
             "workflows_merged": totals["merged"],
-            "template_words": sorted(template),
             **self.memory.stats(),
             **probe,
             "evicted_this_stage": self.memory.evicted - evicted_before,
@@ -245,3 +306,9 @@ class AWM:
 
     def load(self, path: Path) -> None:
         self.memory.load(path / "memory")
+
+
+def solution_text(task: Task, example: Example, reply: str) -> str:
+    """What a workflow abstracts: the reply, after the assistant's earlier replies of a multi-turn episode."""
+    earlier = [m["content"] for m in task_messages(task, example) if m["role"] == "assistant"]
+    return "\n".join([*earlier, reply])

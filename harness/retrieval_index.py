@@ -13,6 +13,7 @@ touches usage counters), so a cell measured after stage i sees exactly the memor
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,14 @@ class RetrievalOptions:
     """Extra attempts at failed training problems with the memory in context (ExpeL's trial-and-error)."""
     success_threshold: float = 1.0
     """A training attempt counts as a success when the task's score reaches this."""
+    task_scoped: bool = False
+    """Retrieve only records of the task being solved (ExpeL filters by environment); False = the whole memory."""
+    max_memory_tokens: int = 1024
+    """Approximate budget (4 characters a token) of what the memory adds to a prompt; the least similar retrieved
+    items are dropped first. The task's own conversation is never cut here (its agent loop fits it)."""
+    give_up_after: int | None = 32
+    """``store=self``: stop attempting a task once this many attempts have produced no success (the frozen model
+    cannot solve it; more attempts only cost generation). None = attempt every training problem."""
 
 
 def check_options(opts: RetrievalOptions, method: str) -> None:
@@ -69,6 +78,10 @@ def check_options(opts: RetrievalOptions, method: str) -> None:
         raise ValueError(f"{where}.capacity must be >= 1 or null, got {opts.capacity}")
     if opts.retries < 0:
         raise ValueError(f"{where}.retries must be >= 0, got {opts.retries}")
+    if opts.give_up_after is not None and opts.give_up_after < 1:
+        raise ValueError(f"{where}.give_up_after must be >= 1 or null, got {opts.give_up_after}")
+    if opts.max_memory_tokens < 0:
+        raise ValueError(f"{where}.max_memory_tokens must be >= 0, got {opts.max_memory_tokens}")
 
 
 # -- pure search and eviction functions ------------------------------------------------------------------------
@@ -217,11 +230,15 @@ class MemoryStore:
             self._bm25.index(bm25_tokens([r["key"] for r in self.records]), show_progress=False)
 
     # -- search ----------------------------------------------------------------------------------------------
-    def search(self, queries: Sequence[str], k: int, touch: bool = False) -> list[list[tuple[dict[str, Any], float]]]:
+    def search(self, queries: Sequence[str], k: int, touch: bool = False,
+               task: str | None = None) -> list[list[tuple[dict[str, Any], float]]]:
         """The ``k`` nearest records of each query, best first, with their scores. ``touch`` marks them used
-        (training only: evaluation must not change the memory)."""
+        (training only: evaluation must not change the memory). ``task`` restricts the hits to that task's records
+        (every record is scored, then the others are dropped, so the ranking is the unrestricted one)."""
         t0 = time.perf_counter()
-        if not self.records or not queries:
+        n_task = sum(r["task"] == task for r in self.records) if task is not None else len(self.records)
+        want, k = k, (len(self.records) if task is not None else k)
+        if not n_task or not queries:
             hits: list[list[tuple[int, float]]] = [[] for _ in queries]
         elif self.opts.backend == "dense":
             q = embed(self.opts.embedder, queries)  # (Q, D)
@@ -234,6 +251,8 @@ class MemoryStore:
             scores = np.stack([self._bm25.get_scores(toks) for toks in bm25_tokens(queries)])  # (Q, N)
             idx, vals = top_k(scores, k)
             hits = [[(int(i), float(v)) for i, v in zip(ri, rv, strict=True)] for ri, rv in zip(idx, vals, strict=True)]
+        if task is not None:
+            hits = [[(i, v) for i, v in row if self.records[i]["task"] == task][:want] for row in hits]
         self.latency.append((len(queries), time.perf_counter() - t0))
         if touch:
             self.clock += 1
@@ -335,6 +354,18 @@ class Attempt:
     score: float
 
 
+@dataclass
+class AttemptLog:
+    """Every example's attempts in order, and whether the ``give_up_after`` cap stopped the attempts early."""
+
+    tries: list[list[Attempt]]
+    gave_up: bool = False
+
+    @property
+    def attempts(self) -> int:
+        return sum(len(ts) for ts in self.tries)
+
+
 def attempt_examples(
     generate: Callable[[list[str], int], list[str]],
     task: Task,
@@ -344,42 +375,107 @@ def attempt_examples(
     retries: int,
     threshold: float,
     after_round: Callable[[list[Attempt]], None] | None = None,
-) -> list[list[Attempt]]:
-    """Round 0 tries every example; each retry round tries the ones without a success yet. Returns each example's
-    attempts in order. ``after_round`` sees every finished round (ExpeL adds the successes to its memory there, so
-    retries can retrieve them)."""
+    give_up_after: int | None = None,
+) -> AttemptLog:
+    """Round 0 tries every example; each retry round tries the ones without a success yet. ``after_round`` sees
+    every finished round (ExpeL adds the successes to its memory there, so retries can retrieve them).
+
+    ``give_up_after``: round 0 runs in chunks of this many examples, and once that many attempts have produced no
+    success at all, attempting stops (no later chunk, no retry): a frozen model that solves none of the first N
+    problems of a task is not worth N more generations per problem."""
     tries: list[list[Attempt]] = [[] for _ in examples]
     todo = list(range(len(examples)))
+    gave_up = False
     for rnd in range(retries + 1):
-        if not todo:
+        if not todo or gave_up:
             break
-        prompts = [prompt_for(examples[i], rnd) for i in todo]
-        outs = generate(prompts, budget)
-        done = []
-        for i, p, c in zip(todo, prompts, outs, strict=True):
-            a = Attempt(i, rnd, p, c, float(task.score(c, examples[i])))
-            tries[i].append(a)
-            done.append(a)
+        step = give_up_after if (give_up_after and rnd == 0) else max(len(todo), 1)
+        done: list[Attempt] = []
+        for s in range(0, len(todo), step):
+            chunk = todo[s : s + step]
+            prompts = [prompt_for(examples[i], rnd) for i in chunk]
+            for i, p, c in zip(chunk, prompts, generate(prompts, budget), strict=True):
+                a = Attempt(i, rnd, p, c, float(task.score(c, examples[i])))
+                tries[i].append(a)
+                done.append(a)
+            n_done = sum(len(ts) for ts in tries)
+            if give_up_after and n_done >= give_up_after and not any(a.score >= threshold for ts in tries for a in ts):
+                gave_up = True
+                break
         if after_round is not None:
             after_round(done)
         todo = [a.index for a in done if a.score < threshold]
-    return tries
+    return AttemptLog(tries, gave_up)
 
 
 def user_message(task: Task, example: Example) -> str:
-    """The task's user message for ``example`` (without a chat template)."""
+    """The task's first user message for ``example`` (without a chat template)."""
     fn = getattr(task, "user_message", None)
     if callable(fn):
         return fn(example)
-    # A task rendered without a tokenizer is its bare user message plus a newline (tasks.base.render_prompt).
-    return task.prompt(example, None).rstrip("\n")
+    first = next((m["content"] for m in task_messages(task, example) if m["role"] == "user"), None)
+    return first if first is not None else task.prompt(example, None).rstrip("\n")
+
+
+def task_messages(task: Task, example: Example) -> list[dict[str, str]]:
+    """The real message list the task renders for ``example`` (what vanilla sees): an environment task's
+    conversation so far (system message included), a search-mode QA episode's turns, or the one user turn."""
+    fn = getattr(task, "messages", None)
+    if callable(fn):
+        return [dict(m) for m in fn(example)]
+    if example.meta.get("messages"):
+        return [dict(m) for m in example.meta["messages"]]
+    return [{"role": "user", "content": task.user_message(example) if hasattr(task, "user_message")
+             else task.prompt(example, None).rstrip("\n")}]
+
+
+_OMITTED_RE = re.compile(r"\n\n\[\d+ earlier turn\(s\) omitted\]$")
+
+
+def retrieval_key(task: Task, example: Example) -> str:
+    """The text a memory is searched with: the question; for an environment task the episode's goal (its first
+    observation, the same at every turn of the episode, without the agent loop's omission note)."""
+    if callable(getattr(task, "messages", None)):
+        first = next((m["content"] for m in task_messages(task, example) if m["role"] == "user"), example.question)
+        return _OMITTED_RE.sub("", first)
+    return example.question
+
+
+def shot_turns(task: Task, example: Example, reply: str) -> list[dict[str, str]]:
+    """A solved example as chat turns: the conversation before the reply (system messages left out), then it."""
+    return [*(m for m in task_messages(task, example) if m["role"] != "system"), {"role": "assistant", "content": reply}]
+
+
+def turns_text(turns: Sequence[dict[str, str]], max_chars: int = 1200) -> str:
+    """Chat turns as plain text for a prompt that quotes them (insight and induction calls), cut to ``max_chars``
+    from the start (the end holds the reply that solved it)."""
+    text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+    return text if len(text) <= max_chars else "..." + text[-max_chars:]
+
+
+def approx_tokens(text: str) -> int:
+    return (len(text) + 3) // 4  # the agent loop's estimate (harness.agent.approx_tokens)
+
+
+def memory_prompt(task: Task, example: Example, tokenizer: Any, shots: Sequence[Sequence[dict[str, str]]] = (),
+                  prefix: str = "") -> str:
+    """The prompt with the memory in the real message list: the task's messages (earlier turns kept), solved
+    ``shots`` as chat turns after its system message(s), ``prefix`` (insights, workflows) before the text of its
+    first user message. With no memory this is exactly ``task.prompt(example, tokenizer)``, the vanilla prompt."""
+    if not shots and not prefix:
+        return task.prompt(example, tokenizer)
+    from harness.agent import render_messages
+
+    msgs = task_messages(task, example)
+    head = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
+    body = msgs[head:]
+    if prefix and body and body[0]["role"] == "user":
+        body[0] = {"role": "user", "content": prefix + body[0]["content"]}
+    return render_messages([*msgs[:head], *(m for shot in shots for m in shot), *body], tokenizer)
 
 
 def chat_prompt(tokenizer: Any, turns: Sequence[tuple[str, str]], final_user: str) -> str:
-    """A chat-formatted prompt: solved (user, assistant) turns as few-shot examples, then the question.
-
-    With no turns this equals ``tasks.base.render_prompt(final_user, tokenizer)``, i.e. the vanilla prompt.
-    """
+    """A chat-formatted prompt of one-user-turn messages (insight and induction calls of the baselines)."""
     messages = []
     for user, assistant in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -389,3 +485,15 @@ def chat_prompt(tokenizer: Any, turns: Sequence[tuple[str, str]], final_user: st
     if not turns:
         return final_user + "\n"
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
+
+
+def last_turn_per_episode(items: Sequence[tuple[Example, Any]]) -> list[Any]:
+    """The items in order, but of the turns of one environment episode (examples with ``meta["turn"]``) only the
+    latest, whose history holds the earlier ones: one solved episode is one memory record."""
+    best: dict[str, tuple[int, Any]] = {}
+    for e, item in items:
+        ep = str(e.meta.get("episode", e.id)) if "turn" in e.meta else e.id
+        turn = int(e.meta.get("turn", 0))
+        if ep not in best or turn >= best[ep][0]:
+            best[ep] = (turn, item)
+    return [item for _, item in best.values()]  # dicts keep first-insertion order

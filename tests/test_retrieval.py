@@ -4,7 +4,7 @@ and the ExpeL/AWM pure helpers (insight operations, workflow abstraction) agains
 import numpy as np
 import pytest
 
-from baselines.retrieval_awm import abstract_trajectory, template_words
+from baselines.retrieval_awm import anti_unify, induce_rule_workflows, lex, shape
 from baselines.retrieval_expel import InsightOp, apply_insight_ops, parse_insight_ops
 from harness.retrieval_index import MemoryStore, RetrievalOptions, check_options, choose_evictions, top_k
 
@@ -148,39 +148,95 @@ def test_parse_insight_ops():
                    InsightOp("DOWNVOTE", 5, "")]
 
 
-def test_apply_insight_ops_follows_expel_vote_rules():
-    base = [{"text": "Show steps.", "votes": 2}, {"text": "Be brief.", "votes": 1}, {"text": "Use letters.", "votes": 3}]
-    ops = [InsightOp("UPVOTE", 1, ""), InsightOp("DOWNVOTE", 2, ""), InsightOp("EDIT", 3, "Answer with one letter."),
-           InsightOp("ADD", None, "Check the sign."), InsightOp("ADD", None, "show steps."),  # duplicate -> rejected
-           InsightOp("UPVOTE", 9, ""), InsightOp("ADD", None, "")]  # bad number, empty text -> rejected
+def test_parse_insight_ops_on_garbage_finds_nothing():
+    # What a 135M model writes back: numbered steps, lower-case keywords, echoes of the prompt.
+    for reply in ["1. Add 3 and 4: 7.\n2. Multiply by 2.", "add: be careful", "Current rules:\n(none yet)", "",
+                  "ADDITION: sum the numbers", "EDITING the rules now"]:
+        assert parse_insight_ops(reply) == [], reply
+
+
+def test_apply_insight_ops_follows_expel_update_rules():
+    base = [{"text": "Show each step.", "votes": 2}, {"text": "Be brief always.", "votes": 1},
+            {"text": "Use the letters.", "votes": 3}]
+    ops = [InsightOp("ADD", None, "Check the sign."), InsightOp("EDIT", 3, "Answer with one letter."),
+           InsightOp("UPVOTE", 1, ""), InsightOp("DOWNVOTE", 2, ""),
+           InsightOp("ADD", None, "show each step."),  # duplicate of 1 -> rejected
+           InsightOp("UPVOTE", 9, ""), InsightOp("ADD", None, ""),  # no insight 9, empty text -> rejected
+           InsightOp("ADD", None, "ADD: two ops run together"),  # keyword inside -> rejected
+           InsightOp("EDIT", 2, "Show each step.")]  # EDIT to an existing text = UPVOTE of insight 1
     out, counts = apply_insight_ops(base, ops, max_insights=8)
-    assert out == [{"text": "Show steps.", "votes": 3}, {"text": "Answer with one letter.", "votes": 4},
-                   {"text": "Check the sign.", "votes": 2}]  # "Be brief." fell to 0 votes and is gone
-    assert counts == {"applied": 4, "rejected": 3}
+    # 1: 2 +1 +1 = 4; 2: 1 -1 = 0 -> removed; 3: 3 +1 (edit) = 4; new: 2. Sorted by importance, stable.
+    assert out == [{"text": "Show each step.", "votes": 4}, {"text": "Answer with one letter.", "votes": 4},
+                   {"text": "Check the sign.", "votes": 2}]
+    assert counts == {"applied": 5, "rejected": 4}
     assert base[1]["votes"] == 1  # the input list is not modified
-    full, counts = apply_insight_ops(out, [InsightOp("ADD", None, "One more.")], max_insights=3)
-    assert len(full) == 3 and counts["rejected"] == 1
+
+
+def test_full_list_still_accepts_add_and_downvotes_weigh_three():
+    full = [{"text": f"Rule number {i}.", "votes": 3} for i in range(1, 4)]
+    out, counts = apply_insight_ops(full, [InsightOp("DOWNVOTE", 1, ""), InsightOp("ADD", None, "A later task rule.")],
+                                    max_insights=3)
+    # Full (3 of 3): DOWNVOTE costs 3 -> rule 1 is removed; ADD is not refused (ExpeL has no hard cap).
+    assert out == [{"text": "Rule number 2.", "votes": 3}, {"text": "Rule number 3.", "votes": 3},
+                   {"text": "A later task rule.", "votes": 2}]
+    assert counts == {"applied": 2, "rejected": 0}
+    out, _ = apply_insight_ops(full, [InsightOp("DOWNVOTE", 1, "")], max_insights=4)  # not full: -1
+    assert out[-1] == {"text": "Rule number 1.", "votes": 2}
+
+
+def test_attempts_stop_when_nothing_succeeds():
+    from harness.retrieval_index import attempt_examples
+    from tasks.registry import get_task
+
+    task = get_task("arith")
+    ex = task.load("train", limit=10)
+    calls = []
+
+    def wrong(prompts, budget):  # a policy that never solves arith (the scorer decides)
+        calls.append(len(prompts))
+        return ["Answer: nope"] * len(prompts)
+
+    log = attempt_examples(wrong, task, ex, 8, lambda e, r: e.question, 2, 1.0, give_up_after=4)
+    assert log.gave_up and log.attempts == 4 and calls == [4]
+    right = {e.question: e.target for e in ex}
+    log = attempt_examples(lambda ps, b: [right[p] for p in ps], task, ex, 8, lambda e, r: e.question, 2, 1.0,
+                           give_up_after=4)
+    assert not log.gave_up and log.attempts == 10  # successes: every problem is attempted, nothing retried
 
 
 # -- AWM rule induction --------------------------------------------------------------------------------------------
 
 
-def test_workflow_abstraction_removes_example_values():
-    arith_q = ["Compute (3 + 4) * 2.", "Compute (10 - 7) + 5.", "Compute (8 + 2) - 3."]
-    t = template_words(arith_q)
-    assert t == {"compute"}
-    q, s = abstract_trajectory(arith_q[0], "3 + 4 = 7. 7 * 2 = 14.\nAnswer: 14", t)
-    assert (q, s) == ("Compute ({v1} + {v2}) * {v3}.", "{v1} + {v2} = {r1}. {r1} * {v3} = {r2}.\nAnswer: {r2}")
+def test_lex_round_trips_and_keeps_signs():
+    text = "3 - 17 = -14. -14 - 6 = -20.\nAnswer: -20"
+    toks, seps = lex(text)
+    assert toks == ["3", "-", "17", "=", "-14", ".", "-14", "-", "6", "=", "-20", ".", "Answer", ":", "-20"]
+    assert "".join(s + t for s, t in zip(seps, toks, strict=False)) + seps[-1] == text
+    assert shape("Answer: -20") == shape("Answer: 7") == ("W", ":", "N")
 
-    rev_q = ["Reverse the order of these words: apple bread chair", "Reverse the order of these words: tiger lemon mango"]
-    t = template_words(rev_q)
-    assert t == {"reverse", "the", "order", "of", "these", "words"}
-    q, s = abstract_trajectory(rev_q[1], "Answer: mango lemon tiger", t)
-    assert (q, s) == ("Reverse the order of these words: {v1} {v2} {v3}", "Answer: {v3} {v2} {v1}")
 
-    # Option letters are values even though every question has them; the article "a" is not option "A".
-    ch_q = ["Which of these is a fruit?\nA) mango\nB) hammer", "Which of these is a tool?\nA) red\nB) saw"]
-    t = template_words(ch_q)
-    q, s = abstract_trajectory(ch_q[0], "Mango is a fruit.\nAnswer: A", t)
-    assert q == "Which of these is a {v1}?\n{v2}) {v3}\n{v4}) {v5}"
-    assert s == "{v3} is a {v1}.\nAnswer: {v2}"
+def test_anti_unification_abstracts_what_the_examples_do_not_share():
+    qs = ["Compute (3 + 4) * 2.", "Compute (10 + 7) * 5.", "Compute (8 + 2) * 3."]
+    sols = ["3 + 4 = 7. 7 * 2 = 14.\nAnswer: 14", "10 + 7 = 17. 17 * 5 = 85.\nAnswer: 85",
+            "8 + 2 = 10. 10 * 3 = 30.\nAnswer: 30"]
+    q, s = anti_unify(qs, sols)
+    assert q == "Compute ({v1} + {v2}) * {v3}."
+    assert s == "{v1} + {v2} = {r1}. {r1} * {v3} = {r2}.\nAnswer: {r2}"
+    # Option letters at fixed positions are shared, so they stay; the chosen option is computed ({r}).
+    qs = ["Which of these is a fruit?\nmango (A)\nhammer (B)", "Which of these is a tool?\nred (A)\nsaw (B)"]
+    q, s = anti_unify(qs, ["mango (A) is a fruit.\nAnswer: A", "saw (B) is a tool.\nAnswer: B"])
+    assert q == "Which of these is a {v1}?\n{v2} (A)\n{v3} (B)"
+    assert s == "{r1} ({r2}) is a {v1}.\nAnswer: {r2}"
+    # Questions of different shapes: values are looked up in each example's own question.
+    _, s = anti_unify(["go to the red room", "then go to the big blue hall"], ["open red", "open hall"])
+    assert s == "open {v1}"
+
+
+def test_rule_induction_needs_support_and_groups_by_shape():
+    items = [("Compute (1 + 2) * 3.", "k", "1 + 2 = 3. 3 * 3 = 9.\nAnswer: 9"),
+             ("Compute (2 + 5) * 2.", "k", "2 + 5 = 7. 7 * 2 = 14.\nAnswer: 14"),
+             ("Compute (4 - 1) + 6.", "k", "4 - 1 = 3. 3 + 6 = 9.\nAnswer: 9")]  # another shape, alone
+    ws = induce_rule_workflows(items, min_support=2)
+    assert ws == [{"key": "Compute ({v1} + {v2}) * {v3}.", "workflow": "{v1} + {v2} = {r1}. {r1} * {v3} = {r2}."
+                   "\nAnswer: {r2}", "support": 2}]
+    assert induce_rule_workflows(items, min_support=3) == []
