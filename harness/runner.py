@@ -83,9 +83,11 @@ def evaluate(
     scores = score_many(completions, examples) if score_many else [task.score(c, e) for c, e in
                                                                    zip(completions, examples, strict=True)]
     samples = []
+    explain = getattr(task, "explain", None)  # DefinedTask: the answer and the filter rule that found it
     for e, (p, c, rec), score in zip(examples, pairs, scores, strict=True):
-        sample = {"id": e.id, "prompt": p, "completion": c, "extracted": task.extract(c), "gold": e.answer,
-                  "score": score}
+        extracted, rule = explain(c) if explain is not None else (task.extract(c), None)
+        sample = {"id": e.id, "prompt": p, "completion": c, "extracted": extracted, "extract_rule": rule,
+                  "gold": e.answer, "score": score}
         samples.append({**sample, **{k: v for k, v in rec.items() if k not in sample}})
     correct = sum(s["score"] for s in samples)
     n = len(samples)

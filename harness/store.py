@@ -5,7 +5,8 @@ Layout of one method's run directory::
     config.json          resolved RunConfig
     meta.json            seeds, package versions, task versions, git commit, host, command line
     cells/r{row}_{task}.json     one matrix cell: accuracy (percent), n, correct, seconds
-    samples/r{row}_{task}.jsonl  every evaluated sample: prompt, completion, extracted, gold, score
+    samples/r{row}_{task}.jsonl  every evaluated sample: prompt, completion, extracted (the answer the task's
+                                 filter found), extract_rule (which of its rules matched), gold, score
     train/stage{i}.json          training statistics of stage i (loss curve, seconds)
     checkpoints/stage{i}/        the method's state after training on task i (DONE marks it complete)
     matrix.csv, summary.json     rewritten after every cell

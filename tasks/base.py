@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from tasks.scoring import FILTERS, METRICS
+from tasks.scoring import FILTERS, METRICS, cut_at_stops, explain_extraction
 
 
 class TaskError(ValueError):
@@ -90,6 +90,9 @@ class TaskDefinition:
     """One line for ``memgen-bench tasks``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Settings read by an ``implementation`` class (environment parameters, a retrieval corpus, turn limits)."""
+    until: list[str] = field(default_factory=list)
+    """Stop strings (lm-eval's ``until``): a completion is cut at the first of them before it is scored, in
+    evaluation and as an RL reward; generation itself stops on the model's own stop tokens."""
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -198,8 +201,19 @@ class DefinedTask:
     def prompt(self, example: Example, tokenizer: Any = None) -> str:
         return render_prompt(self.user_message(example), tokenizer)
 
+    def truncate(self, completion: str) -> str:
+        """The completion up to the first of the task's ``until`` stop strings."""
+        return cut_at_stops(completion, self.definition.until)
+
     def extract(self, completion: str) -> str | None:
-        return self._filter(completion)
+        return self._filter(self.truncate(completion))
+
+    def explain(self, completion: str) -> tuple[str | None, str | None]:
+        """The extracted answer and the name of the filter rule that found it (stored with each sample); the rule
+        is None when nothing was found or a subclass extracts its own way."""
+        if type(self).extract is not DefinedTask.extract:
+            return self.extract(completion), None
+        return explain_extraction(self.definition.filter, self.truncate(completion))
 
     def score(self, completion: str, example: Example) -> float:
         return float(self._metric(self.extract(completion), example.answer))

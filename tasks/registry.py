@@ -36,6 +36,9 @@ def parse_definition(path: Path) -> TaskDefinition:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise TaskError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    until = raw.get("until", [])
+    if not isinstance(until, list) or not all(isinstance(u, str) and u for u in until):
+        raise TaskError(f"{path}: until must be a list of non-empty stop strings, e.g. until: [\"Question:\"]")
     try:
         raw["version"] = str(raw["version"])
         return TaskDefinition(**raw)
