@@ -4,8 +4,14 @@ Containment of one run (``Sandbox.run``), when the harness runs as root and ``un
 once by ``detect_isolation``; mode ``namespaces``):
 - new network, mount, PID, IPC and UTS namespaces (``unshare``): no network at all (not even the host's loopback);
   the PID namespace means every process the program forks dies with it, whatever process group it moves to;
-- a fresh size-limited tmpfs mounted over ``/tmp`` is the working directory (deleted with the namespace), and
-  fresh tmpfs mounts hide the host's other world-writable folders (``/var/tmp``, ``/dev/shm``, ``/run/lock``);
+- a minimal read-only root instead of the host's file system (``pivot_root`` into a fresh tmpfs, the host's root
+  detached): the system's ``/usr/bin``, ``/usr/lib*``, ``/lib*`` and time zones, the real interpreter binary, its
+  stdlib/libpython folder and the site-packages, each bound read-only at its real path; ``/etc`` holds only
+  ``ld.so.cache``, ``localtime``, ``nsswitch.conf``, ``mime.types`` and a passwd/group/hosts of its own;
+  ``/dev`` only null/zero/full/random/urandom and a private ``/dev/shm``; ``/proc`` is the PID namespace's own.
+  The repository, the data directory (with the gold answers), home folders and every other host file are absent
+  ("No such file or directory");
+- a fresh size-limited tmpfs at ``/tmp`` is the working directory (deleted with the namespace);
 - the program runs as an unprivileged uid of its own (``setpriv``; one uid per worker slot), so it can neither
   write the repository nor signal or read (``/proc/PID/environ``) any other process, and ``RLIMIT_NPROC``, which
   root ignores, really bounds a fork bomb; ``no_new_privs`` is set;
@@ -13,16 +19,20 @@ once by ``detect_isolation``; mode ``namespaces``):
 - a wall-clock timeout on the whole process group (then SIGKILL), the namespace killed if the harness dies
   (parent-death signal), stdin on /dev/null, a minimal environment, and stdout/stderr written to files capped by
   ``RLIMIT_FSIZE`` and read back truncated to ``output_bytes``.
-Otherwise (mode ``fallback``: not root, or no namespaces) the program runs with the rlimits, its own session, a
-temporary directory and an audit hook that blocks sockets, but it can write wherever the harness user can;
-``SandboxUnavailable`` tells callers, and the destructive adversarial tests are skipped there.
+Otherwise (mode ``fallback``: not root, or no namespaces) the program runs as the harness user with the
+rlimits, its own session, a temporary working directory (also ``TMPDIR`` and ``HOME``) and audit hooks that block
+sockets and refuse to open or list any path outside the folders the minimal root would hold (plus the venv) and
+other processes' ``/proc`` entries ("Permission denied"). That stops a plain ``open()`` of the data or the
+repository, but not ``ctypes`` or a child process (``cat``), and the program can write wherever the harness user
+can; ``SandboxUnavailable`` tells callers, and the destructive adversarial tests are skipped there.
 
 What an in-process verdict cannot guarantee: the tests run in the same interpreter as the solution, so a program
 written to *forge* a verdict (reading the nonce out of memory via ``gc``/frames or ``ctypes``, objects whose
 ``__eq__`` is always true, patches made while a test is calling the solution) can fake a pass. Exits, ``atexit``
 hooks, forged verdict lines, and builtins, ``unittest`` classes or module globals patched when the solution is
 loaded cannot (the runner restores builtins and ``unittest`` before every test and binds what it uses early).
-The sandbox's job is containment.
+As in KodCode and BigCodeBench themselves, a skipped test is not a failure, so a solution that raises
+``unittest.SkipTest`` or calls ``pytest.skip()`` is not caught either. The sandbox's job is containment.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import signal
 import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -48,8 +59,6 @@ from typing import Any
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 STATUSES = ("passed", "failed", "timeout", "error")
-# Fresh tmpfs mounts hide these world-writable host folders inside the namespace (``/tmp`` becomes the workdir).
-HIDDEN_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -130,62 +139,131 @@ class Isolation:
 
 @cache
 def detect_isolation() -> Isolation:
-    """Whether the full containment works here: root, ``unshare``, ``setpriv`` and a trial namespace with mounts."""
+    """Whether the full containment works here: root, util-linux, and a trial namespace that builds the minimal
+    root, pivots into it and switches to an unprivileged uid (the very script every run uses)."""
     if os.name != "posix" or os.geteuid() != 0:
-        return Isolation("fallback", "not running as root: no namespaces or uid switch; sockets blocked in-process")
-    tools = {t: shutil.which(t) for t in ("unshare", "setpriv", "mount")}
+        return Isolation("fallback", f"not running as root: no namespaces or uid switch; {_FALLBACK}")
+    tools = {t: shutil.which(t, path=_ROOT_PATH) for t in ("unshare", "setpriv", "mount", "pivot_root")}
     missing = [t for t, p in tools.items() if p is None]
     if missing:
-        return Isolation("fallback", f"missing {', '.join(missing)} (util-linux); sockets blocked in-process")
-    probe = [tools["setpriv"], "--pdeathsig", "KILL", "--", tools["unshare"], "--net", "--mount", "--pid", "--ipc",
-             "--uts", "--fork", "--kill-child", "--",
-             "/bin/sh", "-c", "mount -t tmpfs -o size=1m tmpfs /var/tmp && setpriv --reuid=65534 --regid=65534 "
-             "--clear-groups --no-new-privs true"]
+        return Isolation("fallback", f"missing {', '.join(missing)} (util-linux); {_FALLBACK}")
+    stage = Path(tempfile.mkdtemp(prefix=f"memgen-sbx-{os.getpid()}-probe-"))
     try:
-        r = subprocess.run(probe, capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+        for name in ("runner.py", "spec.json"):
+            (stage / name).write_text("")
+        r = subprocess.run(_namespace_cmd(), capture_output=True, timeout=20, stdin=subprocess.DEVNULL,
+                           env=_setup_env(stage, 65534, 1) | {"RUN": "/usr/bin/true"}, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Isolation("fallback", f"unshare probe failed ({exc}); sockets blocked in-process")
+        return Isolation("fallback", f"namespace probe failed ({exc}); {_FALLBACK}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if r.returncode != 0:
         err = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
-        return Isolation("fallback", f"unshare probe failed ({err[0]}); sockets blocked in-process")
-    return Isolation("namespaces", "network/mount/pid namespaces, tmpfs workdir, unprivileged uid")
+        return Isolation("fallback", f"namespace probe failed ({err[0]}); {_FALLBACK}")
+    return Isolation("namespaces", "network/mount/pid namespaces, minimal read-only root, tmpfs workdir, "
+                                   "unprivileged uid")
 
 
-# The namespace's init (PID 1, root): mount a fresh tmpfs with the staged files over /tmp, hide the other
-# world-writable folders, bind the interpreter's prefix read-only at /tmp/.python (it may live under a home
-# folder the sandbox uid cannot enter, e.g. pyenv under /root; the venv's site-packages go on sys.path instead,
-# without its .pth hooks, so the harness itself is not importable), then run the runner as the sandbox uid as a
-# child, not by exec (a namespace's PID 1 ignores signals such as SIGXCPU that should keep their default
-# meaning), and exit with its status.
+_FALLBACK = "sockets and reads outside the interpreter's folders blocked in-process"
+_ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# The namespace's init (PID 1, root) builds the minimal root in a fresh tmpfs (mounted over /var/tmp, which only
+# serves as a mount point): the size-limited tmpfs workdir at /tmp with the staged files, the system and
+# interpreter folders bound read-only at their real paths (an interpreter under /root, e.g. pyenv, works: the
+# folders above a bind are the new root's own, mode 0755), a few /etc files, /dev nodes, a private /dev/shm and
+# the PID namespace's own /proc. Then pivot_root into it, detach the host's root, make the new root read-only,
+# and run the runner as the sandbox uid as a child, not by exec (a namespace's PID 1 ignores signals such as
+# SIGXCPU that should keep their default meaning), and exit with its status. Lists travel newline-separated.
 _SETUP = r"""
 set -e
-mount -t tmpfs -o "size=${WORKDIR_MB}m,mode=0700" tmpfs /var/tmp
-cp "$STAGE/runner.py" "$STAGE/spec.json" /var/tmp/
-chown -R "$SBX_UID:$SBX_UID" /var/tmp
-mkdir /var/tmp/.python
-mount --bind "$PY_PREFIX" /var/tmp/.python
-mount -o remount,bind,ro /var/tmp/.python
-i=0
-for d in $SITE_DIRS; do
-  mkdir "/var/tmp/.site$i"; mount --bind "$d" "/var/tmp/.site$i"; mount -o remount,bind,ro "/var/tmp/.site$i"
-  i=$((i + 1))
+IFS='
+'
+R=/var/tmp
+mount -t tmpfs -o size=4m,mode=0755 tmpfs "$R"
+mkdir "$R/tmp" "$R/dev" "$R/proc" "$R/etc" "$R/.old"
+mount -t tmpfs -o "size=${WORKDIR_MB}m,mode=0700,nosuid,nodev" tmpfs "$R/tmp"
+cp "$STAGE/runner.py" "$STAGE/spec.json" "$R/tmp/"
+chown -R "$SBX_UID:$SBX_UID" "$R/tmp"
+for p in $LINKS; do ln -s "$(readlink "$p")" "$R$p"; done
+for p in $RO_PATHS; do
+  if [ -d "$p" ]; then mkdir -p "$R$p"; else mkdir -p "$R$(dirname "$p")"; : > "$R$p"; fi
+  mount -o bind,ro,nosuid,nodev "$p" "$R$p"
 done
-mount --move /var/tmp /tmp
-for d in $HIDE; do if [ -d "$d" ]; then mount -t tmpfs -o size=1m,mode=0755 tmpfs "$d"; fi; done
+for f in $ETC_FILES; do cp -L "$f" "$R$f" 2>/dev/null || true; done
+echo "sandbox:x:$SBX_UID:$SBX_UID:sandbox:/tmp:/bin/sh" > "$R/etc/passwd"
+echo "sandbox:x:$SBX_UID:" > "$R/etc/group"
+echo "127.0.0.1 localhost" > "$R/etc/hosts"
+for n in null zero full random urandom; do : > "$R/dev/$n"; mount -o bind "/dev/$n" "$R/dev/$n"; done
+ln -s /proc/self/fd "$R/dev/fd"; ln -s fd/0 "$R/dev/stdin"; ln -s fd/1 "$R/dev/stdout"; ln -s fd/2 "$R/dev/stderr"
+mkdir "$R/dev/shm"
+mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$R/dev/shm"
+mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
+cd "$R"
+pivot_root . .old
+umount -l /.old
+rmdir /.old
+mount -o remount,bind,ro /
 cd /tmp
 set +e
 setpriv --reuid="$SBX_UID" --regid="$SBX_UID" --clear-groups --no-new-privs -- \
   env -i PATH=/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MPLBACKEND=Agg \
-  "/tmp/.python/$PY_BIN" -I -B runner.py
+  $RUN
 exit $?
 """
-# The real interpreter as (prefix, path of the binary inside it): the sandbox runs it without the venv's symlink.
-_PY = (os.path.realpath(sys.base_prefix),
-       os.path.relpath(os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)))
+# System folders the interpreter and the benchmarks' libraries need (C libraries, locales, time zones, the
+# commands some BigCodeBench tasks run); a top-level one that is a symlink (merged /usr) is recreated as one.
+_SYSTEM = ("/usr/bin", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/usr/share/zoneinfo",
+           "/bin", "/lib", "/lib64", "/lib32", "/libx32")
+_ETC = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf", "/etc/mime.types")
+
+
 def _site_dirs() -> list[str]:
-    """The interpreter's existing site-packages folders (real paths, no spaces: they travel in a shell list)."""
+    """The interpreter's existing site-packages folders (real paths)."""
     dirs = [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]
-    return [d for d in dict.fromkeys(dirs) if " " not in d]
+    return list(dict.fromkeys(dirs))
+
+
+def _covered(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+@cache
+def _root_layout() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(symlinks to recreate, paths to bind read-only) of the minimal root: the system folders, then the real
+    interpreter binary (not the venv's symlink), its stdlib and libpython folders and the site-packages, each
+    left out when a folder already bound holds it. The venv's site-packages go on ``sys.path`` without their
+    .pth hooks, so the harness itself (an editable install) is not importable."""
+    links = tuple(p for p in _SYSTEM if os.path.islink(p) and "/" not in p[1:])
+    binds: list[str] = []
+    for p in _SYSTEM:
+        if os.path.isdir(p) and not os.path.islink(p):
+            binds.append(p)
+    py = [os.path.realpath(sys.executable), os.path.realpath(str(sysconfig.get_config_var("LIBDIR") or "")),
+          os.path.realpath(sysconfig.get_path("stdlib")), *_site_dirs()]
+    for p in sorted(dict.fromkeys(p for p in py if p and os.path.exists(p)), key=len):
+        if not _covered(p, binds) and "\n" not in p:
+            binds.append(p)
+    return links, tuple(binds)
+
+
+def _namespace_cmd() -> list[str]:
+    # pdeathsig: if the harness dies (killed, crashed), the whole namespace goes with it.
+    return [shutil.which("setpriv", path=_ROOT_PATH) or "setpriv", "--pdeathsig", "KILL", "--",
+            shutil.which("unshare", path=_ROOT_PATH) or "unshare", "--net", "--mount", "--pid", "--ipc", "--uts",
+            "--fork", "--kill-child", "--", "/bin/sh", "-c", _SETUP]
+
+
+def _setup_env(stage: Path, uid: int, workdir_mb: int) -> dict[str, str]:
+    links, binds = _root_layout()
+    return {"PATH": _ROOT_PATH, "STAGE": str(stage), "SBX_UID": str(uid), "WORKDIR_MB": str(workdir_mb),
+            "LINKS": "\n".join(links), "RO_PATHS": "\n".join(binds), "ETC_FILES": "\n".join(_ETC),
+            "RUN": f"{os.path.realpath(sys.executable)}\n-I\n-B\nrunner.py"}
+
+
+def _fallback_readable(stage: Path) -> list[str]:
+    """What the fallback's audit hook lets a program open or list: its workdir, the interpreter's folders, the
+    system folders and /etc files of the minimal root, /dev and /proc (other processes' entries refused)."""
+    _, binds = _root_layout()
+    return [str(stage), *binds, os.path.realpath(sys.prefix), *_ETC, "/dev", "/proc", "/sys"]
 
 
 _MIN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
@@ -288,9 +366,10 @@ class Sandbox:
             spec = {"solution": program.solution, "tests": program.tests, "kind": program.kind,
                     "entry_point": program.entry_point, "setup": program.setup, "rlimits": limits.rlimits(),
                     "block_sockets": not namespaced,
-                    # site-packages are bound read-only at /tmp/.site<i> inside the namespace: they may live under
-                    # /tmp themselves (a venv in a /tmp checkout), which the workdir tmpfs would otherwise hide.
-                    "sys_path": [f"/tmp/.site{i}" for i in range(len(_site_dirs()))] if namespaced else []}
+                    # Inside the namespace the site-packages are bound at their real paths; the fallback's
+                    # interpreter finds its own, and its audit hook refuses reads outside these folders.
+                    "sys_path": _site_dirs() if namespaced else [],
+                    "readable": [] if namespaced else _fallback_readable(stage)}
             if not namespaced:
                 spec["rlimits"].pop("RLIMIT_NPROC")  # per real uid: it would count the harness user's processes
             shutil.copyfile(RUNNER, stage / "runner.py")
@@ -302,17 +381,10 @@ class Sandbox:
             (stage / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
             try:
                 if namespaced:
-                    # pdeathsig: if the harness dies (killed, crashed), the whole namespace goes with it.
-                    cmd = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--",
-                           shutil.which("unshare") or "unshare", "--net", "--mount", "--pid", "--ipc", "--uts",
-                           "--fork", "--kill-child", "--", "/bin/sh", "-c", _SETUP]
-                    env = {**_MIN_ENV, "STAGE": str(stage), "SBX_UID": str(uid), "PY_PREFIX": _PY[0], "PY_BIN": _PY[1],
-                           "SITE_DIRS": " ".join(_site_dirs()),
-                           "WORKDIR_MB": str(limits.workdir_mb), "HIDE": " ".join(HIDDEN_WRITABLE)}
-                    cwd = "/"
+                    cmd, env, cwd = _namespace_cmd(), _setup_env(stage, uid, limits.workdir_mb), "/"
                 else:
                     cmd = [sys.executable, "-I", "-B", "runner.py"]
-                    env, cwd = dict(_MIN_ENV, HOME=str(stage)), str(stage)
+                    env, cwd = dict(_MIN_ENV, HOME=str(stage), TMPDIR=str(stage)), str(stage)
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out_f, stderr=err_f,
                                         pass_fds=(res_f.fileno(),), cwd=cwd, env=env, start_new_session=True)
