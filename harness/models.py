@@ -25,7 +25,18 @@ from harness.errors import ModelLoadError
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-__all__ = ["ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "DTYPES"]
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "DTYPES", "CHATML", "load_run_model"]
+
+# The MemGen public code replaces every tokenizer's template with this one: bare ChatML, no default system turn
+# (Qwen2.5's own template injects a system prompt, SmolLM3's defaults to thinking mode). Versioned: results record
+# the name and the sha256 of the template text, so a change here shows up as a different hash.
+CHATML_VERSION = "chatml-v1"
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -115,10 +126,37 @@ def tiny_random_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden:
     return model
 
 
+def apply_chat_template_choice(tok: PreTrainedTokenizerBase, choice: str) -> None:
+    """Set the tokenizer's chat template: ``native`` keeps its own, ``chatml`` forces ``CHATML``."""
+    if choice == "chatml":
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.get_vocab()]
+        if missing:
+            raise ModelLoadError(f"chat_template=chatml: the tokenizer has no {missing[0]} token; use "
+                                 f"chat_template=native for this model")
+        tok.chat_template = CHATML
+    elif choice != "native":
+        raise ModelLoadError(f"chat_template {choice!r} is not valid; use native or chatml")
+
+
+def chat_template_record(tok: PreTrainedTokenizerBase, choice: str) -> dict[str, str | None]:
+    """What results store about the template: the choice, its version and the sha256 of the template text."""
+    import hashlib
+
+    text = getattr(tok, "chat_template", None)
+    return {"choice": choice, "version": CHATML_VERSION if choice == "chatml" else None,
+            "sha256": hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None}
+
+
+def load_run_model(cfg) -> LoadedModel:  # noqa: ANN001 - a RunConfig (no import: config must not need torch)
+    """The run's reasoner as its config asks: model, dtype, device, seed and chat template."""
+    return load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed, chat_template=cfg.chat_template)
+
+
 def load_model(
-    name: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", seed: int = 0
+    name: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", seed: int = 0, chat_template: str = "native"
 ) -> LoadedModel:
-    """Load ``name`` (a built-in name, Hub id, local folder or ``.gguf`` file) in eval mode.
+    """Load ``name`` (a built-in name, Hub id, local folder or ``.gguf`` file) in eval mode, with the chat
+    template ``chat_template`` (``native`` or ``chatml``).
 
     Raises ``ModelLoadError`` with a one-line message naming the model on any failure.
     """
@@ -165,5 +203,6 @@ def load_model(
         model.generation_config.top_p = None
         model.generation_config.top_k = None
         model.generation_config.pad_token_id = tok.pad_token_id
+    apply_chat_template_choice(tok, chat_template)
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, name=name)

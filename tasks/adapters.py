@@ -36,6 +36,17 @@ def gsm8k(row: dict[str, Any], d: TaskDefinition) -> Example:
     return Example(id=_id(row, d), question=str(row["question"]), answer=final, target=target)
 
 
+def gsm8k_paper(row: dict[str, Any], d: TaskDefinition) -> Example:
+    """GSM8K as the MemGen public code trains it: the rationale with its <<48/2=24>> calculator annotations kept,
+    then the boxed final answer."""
+    rationale, _, final = str(row["answer"]).rpartition("####")
+    if not _:
+        raise ValueError("answer has no '####' line")
+    final = final.strip().replace(",", "")
+    target = f"{rationale.strip()}\nThe final answer is \\boxed{{{final}}}."
+    return Example(id=_id(row, d), question=str(row["question"]), answer=final, target=target)
+
+
 def math(row: dict[str, Any], d: TaskDefinition) -> Example:
     solution = str(row["solution"])
     answer = str(row["answer"]) if row.get("answer") is not None else extract_boxed(solution)
@@ -60,6 +71,7 @@ def aqua(row: dict[str, Any], d: TaskDefinition) -> Example:
 ADAPTERS: dict[str, Callable[[dict[str, Any], TaskDefinition], Example]] = {
     "fields": fields,
     "gsm8k": gsm8k,
+    "gsm8k_paper": gsm8k_paper,
     "math": math,
     "aqua": aqua,
 }

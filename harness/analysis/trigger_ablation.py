@@ -21,7 +21,7 @@ import pandas as pd
 from harness.analysis.runs import insertion_rate
 from harness.config import RunConfig, from_dict
 from harness.methods import build_method
-from harness.models import load_model
+from harness.models import load_run_model
 from harness.runner import evaluate
 from harness.store import read_json
 from tasks.registry import get_task
@@ -39,7 +39,7 @@ def trigger_ablation(run_dir: str | Path, all_tasks: bool = False,
     if tuple(cfg.methods) != ("memgen",) or cfg.method_options.get("memgen", {}).get("trigger") != "trained":
         raise ValueError(f"{run} is not a memgen run with method_options.memgen.trigger=trained: no trigger to ablate")
     tasks = [get_task(n, cfg.data_dir) for n in read_json(run / "summary.json")["tasks"]]
-    lm = load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
+    lm = load_run_model(cfg)
     method = build_method("memgen", lm, cfg)
     rows = []
     for stage, learned in enumerate(tasks, start=1):

@@ -18,7 +18,7 @@ import pandas as pd
 
 from harness.config import RunConfig, from_dict
 from harness.methods import build_method
-from harness.models import load_model
+from harness.models import load_run_model
 from harness.runner import cell_name, evaluate
 from harness.seeding import derive_seed, set_seed
 from harness.store import read_json
@@ -62,7 +62,7 @@ def verify_run(
     task_objs = {t: get_task(t, cfg.data_dir) for t in tasks}
     results = []
     for row in sorted(by_row):
-        lm = load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
+        lm = load_run_model(cfg)
         set_seed(derive_seed(cfg.seed, "init"))
         method = build_method(method_name, lm, cfg)
         trains = getattr(method, "trains", True)

@@ -58,6 +58,12 @@ class MemGenOutput:
     """Per row, the number of generated tokens before each latent block (0 = the prompt insertion)."""
     turn_points: list[list[int]] = field(default_factory=list)
     """Per row, the prompt token offsets where a turn-latent block was woven in during prefill (empty: none)."""
+    delimiters: list[int] = field(default_factory=list)
+    """Per row, the delimiter tokens it generated before finishing (under the cap or not, asked or not): the
+    denominator of the paper's invocation rate (the sparsity penalty)."""
+    logprobs: torch.Tensor | None = None
+    """(B, T_new) log p of each generated token under the sampling distribution (``softmax(logits / T)``; greedy:
+    T = 1), 0 after a row's EOS; only with ``output_logprobs``."""
 
 
 def delimiter_mask(tokenizer: PreTrainedTokenizerBase, delimiters: Iterable[str], vocab: int) -> torch.Tensor:
@@ -103,6 +109,8 @@ def memgen_generate(
     generator: torch.Generator | None = None,
     turn_points: Sequence[Sequence[int]] | None = None,
     weaver_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    trigger_prompt: bool = False,
+    output_logprobs: bool = False,
 ) -> MemGenOutput:
     """Generate for a left-padded batch ``input_ids``/``attention_mask`` (B, T) with latents woven in.
 
@@ -137,19 +145,31 @@ def memgen_generate(
         else:
             last = state.feed(mm.embed(input_ids), attention_mask)[:, -1]  # (B, d_r)
         if insert:
-            lat = state.weave("prompt")  # (B, K_p, d_r)
-            last = state.feed(lat, attention_mask.new_ones(lat.shape[:2]))[:, -1]
-            for row in points:
-                row.append(0)
+            do = attention_mask.new_ones(B, dtype=torch.bool)
+            if trigger_prompt:
+                ctx = TriggerContext(step=0, tokens=input_ids.new_zeros((B, 0)), candidates=do, hidden=last,
+                                     insertions=n_ins.clone())
+                do = trigger(ctx).to(device=device, dtype=torch.bool)  # (B,)
+            if bool(do.any()):
+                lat = state.weave("prompt")  # (B, K_p, d_r)
+                h = state.feed(lat, do[:, None].expand(B, lat.shape[1]))  # (B, K_p, d_r)
+                last = torch.where(do[:, None], h[:, -1], last)
+                for b in do.nonzero().flatten().tolist():
+                    points[b].append(0)
+        n_delim = torch.zeros(B, dtype=torch.long, device=device)
+        logps: list[torch.Tensor] = []
         for step in range(max_new_tokens):
             logits = mm.lm_head(last).float()  # (B, V)
             if step < min_new_tokens:
                 logits[:, eos] = float("-inf")
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                logits = logits / temperature
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)  # (B,)
             else:
                 nxt = logits.argmax(-1)  # (B,)
+            if output_logprobs:
+                lp = torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1)  # (B,)
+                logps.append(torch.where(finished, torch.zeros_like(lp), lp))
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
             finished = finished | torch.isin(nxt, eos)
@@ -157,6 +177,7 @@ def memgen_generate(
                 break
             # Finished rows keep feeding padding with mask 1, exactly as ``model.generate`` does.
             last = state.feed(mm.embed(nxt[:, None]), attention_mask.new_ones((B, 1)))[:, -1]
+            n_delim = n_delim + (is_delim[nxt] & ~finished).long()  # every point the trigger could be asked at
             if not insert or cap <= 0:
                 continue
             cand = is_delim[nxt] & ~finished & (n_ins < cap)  # (B,)
@@ -175,4 +196,6 @@ def memgen_generate(
                 points[b].append(step + 1)
     seqs = torch.stack(tokens, 1) if tokens else input_ids.new_zeros((B, 0))  # (B, T_new)
     done_turns = [list(p) for p in turn_points] if turns else [[] for _ in range(B)]
-    return MemGenOutput(sequences=seqs, insertions=points, turn_points=done_turns)
+    lps = (torch.stack(logps, 1) if logps else torch.zeros((B, 0), device=device)) if output_logprobs else None
+    return MemGenOutput(sequences=seqs, insertions=points, turn_points=done_turns, delimiters=n_delim.tolist(),
+                        logprobs=lps)

@@ -7,9 +7,13 @@ again with the latents re-woven at exactly the recorded points (``build_woven_ba
 recomputed with gradients. The reasoner is frozen, so the gradient reaches only the weaver (LoRA, queries, heads).
 
 As in the MemGen public code: beta = 0 (no KL, no reference), one gradient step per batch (the PPO ratio is 1, so
-the loss is the plain policy gradient -A * log p), group 8. Differences: the public code re-weaves at the
-first-N-delimiter rule, which can differ from where the rollout inserted; we re-weave at the recorded points, so
-the log-probs are those of the policy that sampled. Loss aggregation defaults to the per-sequence mean (GRPO).
+the loss is the plain policy gradient -A * log p), group 8. The recomputed log-probs are those of the policy that
+sampled: the same temperature (``log_softmax(logits / T)``), the latents re-woven at the rollout's recorded points,
+and LoRA dropout off in both the rollout and the recompute (tested to 1e-5). Departures from the public code: it
+re-weaves at the first-N-delimiter rule, which can differ from where the rollout inserted, and it recomputes with
+LoRA dropout on (the policy that sampled had it off). Loss aggregation (``aggregation``: ``sequence`` = GRPO's
+per-sequence mean, ``token`` = TRL's ``bnpo``, the public code's choice for GSM8K) and advantage scaling
+(``scale``) are options (``memgen`` options ``grpo_aggregation`` / ``grpo_scale``).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class WeaverRollouts:
     completions: list[list[int]]  # generated ids up to and including the first stop token
     points: list[list[int]]  # insertion points: generated tokens before each latent block (0 = prompt insertion)
     texts: list[str]
+    logprobs: list[list[float]] | None = None  # per completion token, log p under the sampling policy (if asked)
 
 
 def sample_rollouts(
@@ -100,8 +105,11 @@ def sample_rollouts(
     is_delim: torch.Tensor,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    keep_logprobs: bool = False,
 ) -> WeaverRollouts:
-    """``group`` sampled MemGen completions per prompt (rows of one prompt contiguous), insertion points kept."""
+    """``group`` sampled MemGen completions per prompt (rows of one prompt contiguous), insertion points kept.
+
+    Decoded with the weaver's LoRA dropout off (``weaver_policy_loss`` recomputes with it off too)."""
     tok = mm.tokenizer
     rows = [list(p) for p in prompt_ids for _ in range(group)]
     width = max(len(r) for r in rows)
@@ -112,17 +120,20 @@ def sample_rollouts(
         mask[b, width - len(r):] = 1
     device = mm.embed.weight.device
     stops = stop_token_ids(tok)
-    mm.peft.eval()
+    mm.eval()
     out = memgen_generate(mm, ids.to(device), mask.to(device), max_new_tokens, insert=True, delimiters=is_delim,
-                          temperature=temperature, eos_token_ids=stops, generator=generator)
-    completions, points = [], []
+                          temperature=temperature, eos_token_ids=stops, generator=generator,
+                          output_logprobs=keep_logprobs)
+    completions, points, logprobs = [], [], []
     for b in range(len(rows)):
         seq = out.sequences[b].tolist()
         end = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
         completions.append(seq[:end])
         points.append([p for p in out.insertions[b] if p < end] or [0])
+        if out.logprobs is not None:
+            logprobs.append(out.logprobs[b, :end].tolist())
     texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
-    return WeaverRollouts(rows, completions, points, texts)
+    return WeaverRollouts(rows, completions, points, texts, logprobs if keep_logprobs else None)
 
 
 def token_grid(batch: WovenBatch, points: Sequence[Sequence[int]], flat: torch.Tensor, width: int):
@@ -145,16 +156,24 @@ def token_grid(batch: WovenBatch, points: Sequence[Sequence[int]], flat: torch.T
     return grid, mask
 
 
-def weaver_policy_loss(
-    mm: MemGenModel, ro: WeaverRollouts, advantages: torch.Tensor, aggregation: str = "sequence"
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy-gradient loss of the rollouts with the latents re-woven at their recorded points. Scalar."""
+def rollout_logprobs(mm: MemGenModel, ro: WeaverRollouts, temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p (B, T) of every rollout token with the latents re-woven at the recorded points, and its mask (B, T)."""
     device = mm.embed.weight.device
     batch = build_woven_batch(ro.prompts, ro.completions, ro.points, mm.opts.k_prompt, mm.opts.k_infer,
                               mm.tokenizer.pad_token_id, device)
-    flat = woven_logprobs(mm, batch)  # (N,)
-    width = max(len(c) for c in ro.completions)
-    logp, mask = token_grid(batch, ro.points, flat, width)  # (B, T)
+    flat = woven_logprobs(mm, batch, temperature)  # (N,)
+    return token_grid(batch, ro.points, flat, max(len(c) for c in ro.completions))
+
+
+def weaver_policy_loss(
+    mm: MemGenModel, ro: WeaverRollouts, advantages: torch.Tensor, aggregation: str = "sequence",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy-gradient loss of the rollouts with the latents re-woven at their recorded points. Scalar."""
+    device = mm.embed.weight.device
+    logp, mask = rollout_logprobs(mm, ro, temperature)  # (B, T)
+    width = logp.shape[1]
     # One gradient step per batch: old log-probs are these log-probs detached, so the ratio is exactly 1.
     return rl.policy_loss(logp, logp.detach(), advantages.to(device), mask, aggregation=aggregation,  # type: ignore[arg-type]
                           max_len=width)
@@ -202,23 +221,22 @@ def weaver_grpo_step(
     else:
         share = len(rows) / n_rows
     params = mm.weaver_parameters()
-    mm.peft.train()
-    try:
-        optimizer.zero_grad(set_to_none=True)
-        local_loss = 0.0
-        if ro is not None:
-            loss, _ = weaver_policy_loss(mm, ro, adv[rows.start:rows.stop], sch.aggregation)
-            (loss * share).backward()
-            local_loss = loss.item() * share
-        total = all_reduce_sum([local_loss])[0]  # the batch's loss, the same on every process
-        if not math.isfinite(total):
-            raise NonFiniteLossError(f"{label}: loss became {total}; lower the lr")
-        all_reduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-    finally:
-        mm.peft.eval()
+    # LoRA dropout stays off (as in the rollout): the recomputed log-probs are the sampling policy's, ratio 1.
+    mm.eval()
+    optimizer.zero_grad(set_to_none=True)
+    local_loss = 0.0
+    if ro is not None:
+        loss, _ = weaver_policy_loss(mm, ro, adv[rows.start:rows.stop], sch.aggregation, sch.temperature)
+        mm.check_trainable(label)
+        (loss * share).backward()
+        local_loss = loss.item() * share
+    total = all_reduce_sum([local_loss])[0]  # the batch's loss, the same on every process
+    if not math.isfinite(total):
+        raise NonFiniteLossError(f"{label}: loss became {total}; lower the lr")
+    all_reduce_grads(params)
+    torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
     return {"loss": total, "reward": float(rewards.mean()), "insertions": sum(i for _, _, i in every) / n_rows,
             "length": sum(lengths) / n_rows}
 

@@ -45,8 +45,9 @@ Departures from the paper (MemGen, arXiv 2509.24704) and its public code:
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ import torch
 from harness.config import RunConfig, from_dict, to_dict
 from harness.generation import length_sorted_batches, stop_token_ids
 from harness.memgen.generation import delimiter_mask, memgen_generate
-from harness.memgen.options import MemGenOptions
+from harness.memgen.options import PER_TASK, MemGenOptions
 from harness.memgen.retrieval import WeaverRetrieval
 from harness.memgen.rl_stages import build_trigger, phase_hook, train_grpo_stage, train_trigger_stage
 from harness.memgen.sft import SFTSchedule, pad_id_of, prefix_batch, train_weaver
@@ -78,6 +79,8 @@ class MemGen:
     def __init__(self, model: LoadedModel, cfg: RunConfig, options: dict[str, Any]):
         self.cfg = cfg
         self.opts = from_dict(MemGenOptions, options).check()
+        self.base_opts = self.opts  # ``opts`` is swapped per task while training on / evaluating it (for_task)
+        self.explicit = set(options)  # options the run set itself: a task definition's defaults never override them
         self.tokenizer = model.tokenizer
         weaver = None
         if self.opts.weaver_model is not None:
@@ -96,6 +99,18 @@ class MemGen:
         o = self.opts
         self.retrieval = (WeaverRetrieval(o.retrieval_k, o.retrieval_backend, o.retrieval_store, o.retrieval_max_tokens,
                                           self.mm.weaver_tokenizer) if o.retrieval_k > 0 else None)
+
+    @contextlib.contextmanager
+    def for_task(self, task: Task) -> Iterator[MemGenOptions]:
+        """Inside: the options as the task's definition sets them (``method_defaults.memgen``: insertion cap,
+        learning rates, trigger subset), for this method and its model alike."""
+        d = getattr(getattr(task, "definition", None), "method_defaults", None) or {}
+        opts = self.base_opts.for_task(d.get(self.name, {}), self.explicit)
+        self.opts = self.mm.opts = opts
+        try:
+            yield opts
+        finally:
+            self.opts = self.mm.opts = self.base_opts
 
     @property
     def inserting(self) -> bool:
@@ -118,6 +133,14 @@ class MemGen:
         return turns, prefixes
 
     def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
+        with self.for_task(task) as opts:
+            stats = self._train_on_task(task, examples, stage)
+        changed = {k: getattr(opts, k) for k in PER_TASK if getattr(opts, k) != getattr(self.base_opts, k)}
+        if changed:
+            stats["task_options"] = changed  # what the task definition set for this stage
+        return stats
+
+    def _train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
         seed = derive_seed(self.cfg.seed, "train", stage)
         set_seed(seed)
         t = self.cfg.train
@@ -150,6 +173,10 @@ class MemGen:
         return stats
 
     def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
+        with self.for_task(task):
+            return self._generate(task, examples, max_new_tokens)
+
+    def _generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
         tok = self.tokenizer
         prompts = [task.prompt(e, tok) for e in examples]
         self.last_prompts = prompts
@@ -175,6 +202,7 @@ class MemGen:
             res = memgen_generate(self.mm, input_ids.to(device), mask.to(device), max_new_tokens,
                                   insert=self.inserting, delimiters=self.is_delim, trigger=rec,
                                   temperature=self.opts.temperature, eos_token_ids=stop_token_ids(tok), generator=gen,
+                                  trigger_prompt=self.trigger_trained and self.opts.trigger_prompt,
                                   turn_points=None if turns is None else [turns[i] for i in idx],
                                   weaver_prefix=None if prefixes is None else prefix_batch(
                                       [prefixes[i] for i in idx], pad_id_of(self.mm.weaver_tokenizer), device))
@@ -210,7 +238,10 @@ class MemGen:
                 raise FileNotFoundError(f"memgen checkpoint {path} lacks {need.name}; was it written by memgen?")
         state = json.loads((path / STATE_FILE).read_text())
         saved = from_dict(MemGenOptions, state["options"])
-        for key in ("k_prompt", "k_infer", "weaver_input", "weaver_model", "lora_r", "lora_targets"):
+        keys = ["k_prompt", "k_infer", "weaver_input", "weaver_model", "lora_r", "lora_alpha", "lora_targets"]
+        if self.trigger is not None and state.get("trigger_trained"):
+            keys.append("trigger_model")  # a trained trigger loads only into a trigger of the same kind
+        for key in keys:
             if getattr(saved, key) != getattr(self.opts, key):
                 raise ValueError(f"memgen checkpoint {path} was saved with {key}={getattr(saved, key)!r}, "
                                  f"but this run has {getattr(self.opts, key)!r}; set method_options.memgen.{key}")

@@ -8,6 +8,13 @@ WEAVER_INPUTS = ("hidden", "embeddings")
 WEAVER_TRAIN = ("sft", "grpo", "sft+grpo")
 TRIGGERS = ("always", "trained")
 TRIGGER_MODELS = ("lora", "head")
+AGGREGATIONS = ("sequence", "token")
+SCALES = ("group", "batch", "none")
+TRIGGER_RATES = ("delimiters", "queried")
+# Options a task definition may set for itself (``method_defaults.memgen`` in its YAML; the public code uses a cap
+# of 3 on GSM8K and 0 on TriviaQA, trigger lr 1e-6 on GSM8K). The rest shape the weaver and must stay fixed over a
+# sequence (one weaver learns every task).
+PER_TASK = ("max_insertions", "sft_insertions", "lr", "grpo_lr", "trigger_lr", "trigger_train_fraction")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class MemGenOptions:
     """Weaver learning rate; None = ``train.lr``."""
     temperature: float = 0.0
     """Sampling temperature at evaluation; 0 = greedy."""
-    # -- weaver RL and the memory trigger (issue 4) ------------------------------------------------------------
+    # -- weaver RL and the memory trigger ------------------------------------------------------------
     weaver_train: str = "sft"
     """How the weaver learns each task: ``sft``, ``grpo`` (task scorer as reward) or ``sft+grpo`` (GRPO after SFT)."""
     grpo_steps: int = 0
@@ -55,6 +62,11 @@ class MemGenOptions:
     """Weaver GRPO learning rate; None = ``lr``, else ``train.lr``."""
     grpo_temperature: float = 1.0
     """Sampling temperature of the weaver GRPO rollouts (the public code: 1.0)."""
+    grpo_aggregation: str = "sequence"
+    """Weaver GRPO loss aggregation: ``sequence`` (per-rollout token mean, then the batch: GRPO; the public code on
+    GPQA, KodCode, TriviaQA) or ``token`` (mean over every token of the batch: TRL's ``bnpo``, the public code on GSM8K)."""
+    grpo_scale: str = "group"
+    """Weaver GRPO advantage scaling: ``group`` ((r - mean) / (std + 1e-4), the paper), ``batch`` or ``none``."""
     trigger: str = "always"
     """``always``: insert at every delimiter under the cap; ``trained``: after the weaver on each task, train the
     trigger (weaver frozen) and let it decide at evaluation (p(insert) >= trigger_threshold)."""
@@ -73,7 +85,19 @@ class MemGenOptions:
     """Trigger learning rate; None = ``train.lr``."""
     trigger_threshold: float = 0.5
     """Evaluation inserts where p(insert) >= this (0.5 = argmax of the 2-way head)."""
-    # -- turn latents (issue 9) and retrieval for the weaver (issue 5) ---------------------------------------------
+    trigger_aggregation: str = "sequence"
+    """Trigger loss aggregation over decisions: ``sequence`` (per rollout, then the batch) or ``token`` (TRL's
+    ``bnpo`` over every decision of the batch; the public code's trigger GRPO on all its tasks)."""
+    trigger_scale: str = "group"
+    """Trigger advantage scaling: ``group``, ``batch`` or ``none`` (see ``grpo_scale``)."""
+    trigger_rate: str = "delimiters"
+    """Sparsity penalty's invocation rate: ``delimiters`` = insertions / every delimiter of the rollout (the paper's
+    (1/|tau_i|) sum_j d_ij), ``queried`` = / the delimiters the trigger was asked at (under the cap)."""
+    trigger_prompt: bool = False
+    """The trigger also decides the prompt insertion (the public code); False = the prompt latents always go in."""
+    trigger_train_fraction: float = 1.0
+    """Share of the task's train split the trigger trains on (a seeded subset; the public code: a random third)."""
+    # -- turn latents and retrieval for the weaver ---------------------------------------------
     turn_latents: bool = True
     """Multi-turn prompts (``meta["messages"]``): also weave a prompt-latent block at the start of every earlier
     assistant turn inside the prompt (the paper); False = only at the end of the prompt."""
@@ -85,6 +109,17 @@ class MemGenOptions:
     """What the store holds: ``gold`` = the train split's gold solutions of the tasks trained so far."""
     retrieval_max_tokens: int = 256
     """Weaver tokens of retrieved text per row (each retrieved example gets an equal share)."""
+
+    def for_task(self, defaults: dict, explicit: set[str]) -> MemGenOptions:
+        """These options with a task definition's ``method_defaults.memgen`` applied (keys the user set win)."""
+        import dataclasses
+
+        bad = sorted(set(defaults) - set(PER_TASK))
+        if bad:
+            raise ValueError(f"task option method_defaults.memgen.{bad[0]} cannot be set per task (one weaver learns "
+                             f"every task); per-task keys: {', '.join(PER_TASK)}")
+        keep = {k: v for k, v in defaults.items() if k not in explicit}
+        return dataclasses.replace(self, **keep).check() if keep else self
 
     def check(self) -> MemGenOptions:
         if self.weaver_input not in WEAVER_INPUTS:
@@ -124,6 +159,12 @@ class MemGenOptions:
                              f"got {self.grpo_temperature}")
         if not self.trigger_lam >= 0:
             raise ValueError(f"memgen option trigger_lam must be >= 0, got {self.trigger_lam}")
+        for key, valid in (("grpo_aggregation", AGGREGATIONS), ("trigger_aggregation", AGGREGATIONS),
+                           ("grpo_scale", SCALES), ("trigger_scale", SCALES), ("trigger_rate", TRIGGER_RATES)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"memgen option {key}={getattr(self, key)!r}: use one of {', '.join(valid)}")
+        if not 0.0 < self.trigger_train_fraction <= 1.0:
+            raise ValueError(f"memgen option trigger_train_fraction must be in (0, 1], got {self.trigger_train_fraction}")
         if not 0.0 <= self.trigger_threshold <= 1.0:
             raise ValueError(f"memgen option trigger_threshold must be in [0, 1], got {self.trigger_threshold}")
         if self.trigger == "trained" and self.trigger_model == "lora" and self.weaver_model is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,8 @@ def build_trigger(mm: MemGenModel, seed: int) -> TriggerHead | TriggerLM | None:
         torch.manual_seed(seed)
         if opts.trigger_model == "lora":
             return TriggerLM(mm)
-        w = mm.embed.weight
-        return TriggerHead(mm.lm_head.weight.shape[1]).to(device=w.device, dtype=w.dtype)
+        # fp32 whatever the model dtype (TriggerHead casts its input): bf16 weights would not move at small lr.
+        return TriggerHead(mm.lm_head.weight.shape[1]).to(device=mm.embed.weight.device, dtype=torch.float32)
 
 
 def phase_hook(method: Any, phase: str) -> Callable[[int, int, float], None] | None:
@@ -61,7 +62,7 @@ def train_grpo_stage(method: MemGen, task: Task, examples: Sequence[Example], st
     sch = schedule_from_config(method.cfg, seed, len(examples), _budget(method, task), group=o.grpo_group,
                                prompts_per_step=o.grpo_prompts_per_step, lr=o.grpo_lr or o.lr)
     sch = dataclasses.replace(sch, steps=_steps(method, len(examples), o.grpo_prompts_per_step, o.grpo_steps),
-                              temperature=o.grpo_temperature)
+                              temperature=o.grpo_temperature, aggregation=o.grpo_aggregation, scale=o.grpo_scale)
     return train_weaver_grpo(method.mm, task, examples, method.is_delim, sch,
                              label=f"memgen weaver grpo on {task.name}", on_step=phase_hook(method, "weaver-grpo"))
 
@@ -74,7 +75,13 @@ def train_trigger_stage(method: MemGen, task: Task, examples: Sequence[Example],
                           prompts_per_step=o.trigger_prompts_per_step, group=o.trigger_group,
                           lr=o.trigger_lr or t.lr, max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
                           seed=derive_seed(method.cfg.seed, "memgen-trigger", stage),
-                          max_new_tokens=_budget(method, task), lam=o.trigger_lam)
+                          max_new_tokens=_budget(method, task), lam=o.trigger_lam, scale=o.trigger_scale,
+                          aggregation=o.trigger_aggregation, rate=o.trigger_rate, trigger_prompt=o.trigger_prompt)
+    if o.trigger_train_fraction < 1.0:  # a seeded subset of the train split (the public code: a random third)
+        n = max(1, round(o.trigger_train_fraction * len(examples)))
+        pick = sorted(random.Random(derive_seed(method.cfg.seed, "memgen-trigger-subset", stage)).sample(
+            range(len(examples)), n))
+        examples = [examples[i] for i in pick]
     stats = train_trigger(method.mm, method.trigger, task, examples, method.is_delim, sch,
                           label=f"memgen trigger on {task.name}", on_step=phase_hook(method, "trigger"))
-    return {"model": o.trigger_model, **stats}
+    return {"model": o.trigger_model, "examples": len(examples), **stats}

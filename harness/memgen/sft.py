@@ -147,10 +147,11 @@ def woven_forward(mm: MemGenModel, batch: WovenBatch) -> tuple[torch.Tensor, tor
     return torch.cat(preds), torch.cat(labels)
 
 
-def woven_logprobs(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
-    """log p(token) (N,) of every completion token under the woven reasoner (order: round, then row)."""
+def woven_logprobs(mm: MemGenModel, batch: WovenBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) (N,) of every completion token under the woven reasoner (order: round, then row), for the
+    sampling distribution ``softmax(logits / temperature)`` (the one rollouts were drawn from)."""
     h, y = woven_forward(mm, batch)
-    return torch.log_softmax(mm.lm_head(h).float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+    return torch.log_softmax(mm.lm_head(h).float() / temperature, dim=-1).gather(1, y[:, None]).squeeze(1)
 
 
 def sft_loss(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
@@ -198,8 +199,8 @@ def train_weaver(
     points = [delimiter_points(t, is_delim, n_points) for _, t in rows]
     losses: list[float] = []
     t0 = time.perf_counter()
-    mm.peft.train()
-    try:
+    # Only the weaver's LoRA dropout trains; the reasoner's modules stay in eval mode (deterministic, frozen).
+    with mm.weaver_dropout(True):
         for step in range(sch.steps):
             if len(order) < sch.batch_size:
                 more = list(range(len(rows)))
@@ -221,6 +222,7 @@ def train_weaver(
                                           weaver_prefix=None if weaver_prefixes is None else [weaver_prefixes[i] for i in idx],
                                           weaver_pad_id=pad_id_of(mm.weaver_tokenizer))
                 loss = sft_loss(mm, batch)
+                mm.check_trainable(label)
                 (loss * share).backward()
                 local = loss.item() * share
             total = all_reduce_sum([local])[0]  # the global batch's loss, the same on every process
@@ -233,7 +235,5 @@ def train_weaver(
             losses.append(total)
             if on_step is not None:  # progress: on_step(step, total steps, loss)
                 on_step(step + 1, sch.steps, total)
-    finally:
-        mm.peft.eval()
     check_in_sync(params, label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, "losses": losses}

@@ -133,6 +133,8 @@ class TriggerRecorder:
     """Per query, the (n,) bool decisions."""
     session: TriggerSession | None = None
     """The LoRA trigger's KV cache over the reasoner states of this batch (created on the first ``observe``)."""
+    delimiters: list[int] = field(default_factory=list)
+    """Per row, every delimiter generated (asked or not; set by ``decode_with``): the paper's rate denominator."""
 
     @property
     def _lora(self) -> bool:
@@ -243,6 +245,14 @@ class TriggerSchedule:
     """Sparsity penalty weight lambda of paper Eq. 8 (0 = the public code: task reward only)."""
     scale: str = "group"
     """Advantage scaling: group, batch or none."""
+    aggregation: str = "sequence"
+    """Loss aggregation over a rollout's decisions: sequence (per-rollout mean, then the batch) or token (TRL's
+    ``bnpo``: mean over every decision of the batch; the public code's trigger GRPO)."""
+    rate: str = "delimiters"
+    """Invocation-rate denominator of the sparsity penalty: ``delimiters`` (every delimiter of the rollout, the
+    paper's |tau_i|) or ``queried`` (only those the trigger was asked at, under the insertion cap)."""
+    trigger_prompt: bool = False
+    """The trigger also decides the prompt insertion (one more decision per rollout, as the public code)."""
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,19 +266,31 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
 
 
 def decode_with(mm: MemGenModel, rec: TriggerRecorder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                is_delim: torch.Tensor) -> list[str]:
-    """Greedy MemGen decoding of ``prompts`` with ``rec`` deciding at each delimiter; the completions' text."""
+                is_delim: torch.Tensor, trigger_prompt: bool | None = None) -> list[str]:
+    """Greedy MemGen decoding of ``prompts`` with ``rec`` deciding at each delimiter (and at the prompt with
+    ``trigger_prompt``, default: the ``memgen`` option); the completions' text. ``rec.delimiters`` gets each row's
+    delimiter count."""
     tok = mm.tokenizer
+    trigger_prompt = mm.opts.trigger_prompt if trigger_prompt is None else trigger_prompt
     ids, mask = _left_pad(prompts, tok.pad_token_id)
     device = mm.embed.weight.device
-    mm.peft.eval()
+    mm.eval()
     out = memgen_generate(mm, ids.to(device), mask.to(device), max_new_tokens, insert=True, trigger=rec,
-                          delimiters=is_delim, temperature=0.0, eos_token_ids=stop_token_ids(tok))
+                          delimiters=is_delim, temperature=0.0, eos_token_ids=stop_token_ids(tok),
+                          trigger_prompt=trigger_prompt)
+    rec.delimiters = [n + int(trigger_prompt) for n in out.delimiters]  # the prompt is one more decision point
     return [tok.decode(s, skip_special_tokens=True) for s in out.sequences]
 
 
 def _params(trigger: TriggerHead | TriggerLM) -> list[torch.nn.Parameter]:
     return trigger.parameters_to_train() if isinstance(trigger, TriggerLM) else list(trigger.parameters())
+
+
+def _check_trainable(trigger: TriggerHead | TriggerLM, label: str) -> None:
+    """Before a backward: every trigger parameter requires grad (nothing silently frozen by an adapter switch)."""
+    lost = [i for i, p in enumerate(_params(trigger)) if not p.requires_grad]
+    if lost:
+        raise RuntimeError(f"{label}: {len(lost)} trigger parameter tensors lost requires_grad before backward")
 
 
 def train_trigger(
@@ -307,30 +329,35 @@ def train_trigger(
         # rewards and decisions are gathered so that the sparsity penalty and advantages span whole groups, and
         # the trigger's gradients are summed over the processes (harness.distributed).
         mine = rank_slice(len(rows))
-        texts = decode_with(mm, rec, [rows[b] for b in mine], sch.max_new_tokens, is_delim) if len(mine) else []
+        texts = (decode_with(mm, rec, [rows[b] for b in mine], sch.max_new_tokens, is_delim, sch.trigger_prompt)
+                 if len(mine) else [])
         if lora:
-            head.set_adapter_trainable(True)  # weaver-mode switches during decoding turned it off
+            head.set_adapter_trainable(True)  # off outside trigger training, so the weaver never lists it
         try:
             opt.zero_grad(set_to_none=True)
-            local: list[tuple[float, list[int]]] = []
+            local: list[tuple[float, list[int], int]] = []
             if len(mine):
                 logits, dec_l, mask_l = rec.decision_logits(len(mine))  # (B_l, J, 2), (B_l, J), (B_l, J)
-                local = [(float(task.score(t, examples[idx[b // sch.group]])), d[m.bool()].tolist())
-                         for b, t, d, m in zip(mine, texts, dec_l.cpu(), mask_l.cpu(), strict=True)]
-            every = gather_rows(mine, local, len(rows))  # (reward, decisions) of every rollout
-            rewards = torch.tensor([r for r, _ in every])  # (B,)
-            width = max([len(d) for _, d in every] + [1])
-            dec = torch.tensor([d + [0] * (width - len(d)) for _, d in every], dtype=torch.long)  # (B, J)
-            mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for _, d in every], dtype=torch.long)
-            shaped = rl.sparsity_shaped_rewards(rewards, dec, mask, sch.group, sch.lam)  # (B,)
+                local = [(float(task.score(t, examples[idx[b // sch.group]])), d[m.bool()].tolist(), n)
+                         for b, t, d, m, n in zip(mine, texts, dec_l.cpu(), mask_l.cpu(), rec.delimiters, strict=True)]
+            every = gather_rows(mine, local, len(rows))  # (reward, decisions, delimiters) of every rollout
+            rewards = torch.tensor([r for r, _, _ in every])  # (B,)
+            width = max([len(d) for _, d, _ in every] + [1])
+            dec = torch.tensor([d + [0] * (width - len(d)) for _, d, _ in every], dtype=torch.long)  # (B, J)
+            mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for _, d, _ in every], dtype=torch.long)
+            totals = torch.tensor([n for _, _, n in every]) if sch.rate == "delimiters" else None  # (B,)
+            shaped = rl.sparsity_shaped_rewards(rewards, dec, mask, sch.group, sch.lam, totals)  # (B,)
             adv = rl.group_advantages(shaped, sch.group, sch.scale)  # type: ignore[arg-type]
             local_loss = 0.0
             if len(mine):
                 logp = torch.log_softmax(logits, -1).gather(-1, dec_l[..., None])[..., 0]  # (B_l, J)
                 loss, _ = rl.policy_loss(logp, logp.detach(), adv[mine.start:mine.stop].to(logp.device), mask_l,
-                                         aggregation="sequence")
-                share = len(mine) / len(rows)  # of the per-rollout mean over the batch
+                                         aggregation=sch.aggregation)  # type: ignore[arg-type]
+                # this process's share of the loss's normaliser (rollouts, or decisions for token aggregation)
+                share = (int(mask_l.sum()) / max(int(mask.sum()), 1) if sch.aggregation == "token"
+                         else len(mine) / len(rows))
                 if loss.requires_grad:  # False only when no delimiter was queried in this process's rollouts
+                    _check_trainable(head, label)
                     (loss * share).backward()
                 local_loss = loss.item() * share
             total = all_reduce_sum([local_loss])[0]

@@ -14,7 +14,8 @@ float rounding; tested).
 
 Adapter switching: the LoRA layers' active adapter and disabled flag are set directly (``trigger_mode``) and
 restored afterwards, instead of peft's ``set_adapter``, which would also flip ``requires_grad`` on the weaver's
-adapter. The reasoner (adapters off) and the weaver (adapter ``default``) never see the trigger's adapter.
+adapter (the weaver's own on/off switch, ``MemGenModel._set_adapter``, never touches ``requires_grad`` either).
+The trigger's own parameters (projection, head) are fp32 whatever the model dtype. The reasoner (adapters off) and the weaver (adapter ``default``) never see the trigger's adapter.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class TriggerLM(nn.Module):
         nn.init.normal_(self.proj_in.weight, std=_embedding_rms(base) / (_final_norm_rms(base) * math.sqrt(d_r)))
         nn.init.zeros_(self.proj_in.bias)
         self.head = TriggerHead(d_r)
-        self.to(device=mm.embed.weight.device, dtype=mm.embed.weight.dtype)
+        # fp32 whatever the model dtype, cast at use (as peft keeps the adapter fp32): Adam steps of about lr are
+        # below bf16's spacing for weights of order 1 and would be lost.
+        self.to(device=mm.embed.weight.device, dtype=torch.float32)
         self.set_adapter_trainable(False)
 
     # -- parameters -------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class TriggerLM(nn.Module):
         """The trigger LM's last-layer states (B, T, d) over reasoner states (B, T, d_r); ``mask`` covers the cache
         and the chunk (B, L + T), ``pos`` (B, T) the chunk's position ids."""
         T = states.shape[1]
-        x = self.proj_in(_zero_masked(states, mask[:, -T:]).to(self.proj_in.weight.dtype))  # (B, T, d)
+        x = self.proj_in(_zero_masked(states, mask[:, -T:]).float()).to(self.mm.embed.weight.dtype)  # (B, T, d)
         with self.trigger_mode():
             return self.mm.weaver(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache,
                                   use_cache=cache is not None).last_hidden_state  # (B, T, d)

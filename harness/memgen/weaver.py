@@ -30,6 +30,8 @@ from transformers import DynamicCache, PreTrainedModel
 from harness.memgen.options import MemGenOptions
 from harness.models import LoadedModel
 
+WEAVER_ADAPTER = "default"  # peft's name for the first adapter; the LoRA trigger adds its own ("trigger")
+
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The transformer stack without the LM head (``LlamaModel`` inside ``LlamaForCausalLM``)."""
@@ -114,15 +116,49 @@ class MemGenModel(nn.Module):
             "weaver_out": _final_norm_rms(weaver_base),
             "reasoner_emb": _embedding_rms(self.reasoner_lm),
         }
-        device = self.embed.weight.device
-        dtype = self.embed.weight.dtype
-        self.heads = WeaverHeads(d_r, d_w, opts.k_prompt, opts.k_infer, scales).to(device=device, dtype=dtype)
+        # The heads stay fp32 whatever the model dtype (cast at use, as peft keeps LoRA weights fp32): an Adam step
+        # of about lr is below bf16's spacing for N(0,1) queries and LayerNorm weights of 1.0, which would never move.
+        self.heads = WeaverHeads(d_r, d_w, opts.k_prompt, opts.k_infer, scales).to(device=self.embed.weight.device,
+                                                                                dtype=torch.float32)
         self._lora_layers = [m for m in self.peft.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
         self.eval()  # peft creates its LoRA dropout modules in training mode; training switches them on explicitly
 
     # -- which parameters learn ---------------------------------------------------------------------------
     def weaver_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.peft.parameters() if p.requires_grad] + list(self.heads.parameters())
+        """The weaver's LoRA weights (adapter ``default``, selected by name, not by ``requires_grad``) and heads."""
+        lora = [p for n, p in self.peft.named_parameters() if "lora_" in n and f".{WEAVER_ADAPTER}." in n]
+        return lora + list(self.heads.parameters())
+
+    def check_trainable(self, label: str) -> None:
+        """Before a backward: every weaver parameter requires grad and no reasoner weight does (a peft call that
+        flips ``requires_grad`` would otherwise silently freeze the weaver or train the reasoner)."""
+        lost = [n for n, p in self.peft.named_parameters() if "lora_" in n and f".{WEAVER_ADAPTER}." in n
+                and not p.requires_grad] + [n for n, p in self.heads.named_parameters() if not p.requires_grad]
+        leaked = [n for n, p in self.reasoner_lm.named_parameters() if p.requires_grad and "lora_" not in n]
+        if lost or leaked:
+            raise RuntimeError(f"{label}: weaver parameters without grad {lost[:3]} / reasoner weights with grad "
+                               f"{leaked[:3]}; something toggled requires_grad (use weaver_mode/reasoner_mode)")
+
+    def lora_dropout_modules(self, adapter: str = "default") -> list[nn.Module]:
+        """The dropout modules of one LoRA adapter: the only modules training ever switches to train mode."""
+        return [m.lora_dropout[adapter] for m in self._lora_layers if adapter in m.lora_dropout]
+
+    @contextlib.contextmanager
+    def weaver_dropout(self, on: bool = True) -> Iterator[None]:
+        """Inside: the weaver's LoRA dropout in train mode (``on``), everything else in eval mode.
+
+        ``peft.train()`` would also switch the reasoner's own modules (attention / hidden dropout of models that
+        have it) to train mode, and the frozen reasoner would then no longer be deterministic."""
+        mods = self.lora_dropout_modules()
+        saved = [m.training for m in mods]
+        self.eval()
+        for m in mods:
+            m.train(on)
+        try:
+            yield
+        finally:
+            for m, was in zip(mods, saved, strict=True):
+                m.train(was)
 
     def reasoner_state(self) -> dict[str, torch.Tensor]:
         """The reasoner's own weights (LoRA excluded), for checks that they never change."""
@@ -130,10 +166,12 @@ class MemGenModel(nn.Module):
 
     # -- adapter switching ----------------------------------------------------------------------------------
     def _set_adapter(self, enabled: bool) -> None:
-        # Toggling the ~2 LoRA modules per layer directly is cheaper than peft's ``disable_adapter()``, which
-        # walks every module of the model; it runs twice per insertion inside the decoding loop.
+        # The disabled flag of the ~2 LoRA modules per layer is set directly: cheaper than peft's
+        # ``disable_adapter()``, which walks every module (this runs twice per insertion while decoding), and unlike
+        # peft's ``enable_adapters`` it never touches ``requires_grad`` (which peft flips off on disable and, on
+        # enable, sets for the active adapter only), so the weaver's and the trigger's trainable sets stay put.
         for m in self._lora_layers:
-            m.enable_adapters(enabled)
+            m._disable_adapters = not enabled
         self._adapter_on = enabled
 
     @contextlib.contextmanager
@@ -214,13 +252,15 @@ class WovenState:
         self.pending = []
         # Masked slots may hold garbage (even NaN for fully padded rows); zero them so 0-weight attention stays 0.
         states = torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype, device=states.device))
-        q = block(mask.shape[0])  # (B, K, d_w)
+        # Heads run in fp32 (their parameters are fp32); the weaver LM in its own dtype.
+        w_dtype = mm.weaver_embed.weight.dtype
+        q = block(mask.shape[0])  # (B, K, d_w) fp32
         B, K = q.shape[:2]
-        x = torch.cat([mm.heads.proj_in(states).to(q.dtype), q], dim=1)  # (B, T + K, d_w)
+        x = torch.cat([mm.heads.proj_in(states.float()), q], dim=1).to(w_dtype)  # (B, T + K, d_w)
         if self.w_prefix is not None:  # retrieved text: the weaver reads its token embeddings first (once)
             p_ids, p_mask = self.w_prefix
             self.w_prefix = None
-            x = torch.cat([mm.weaver_embed(p_ids).to(q.dtype), x], dim=1)  # (B, R + T + K, d_w)
+            x = torch.cat([mm.weaver_embed(p_ids).to(w_dtype), x], dim=1)  # (B, R + T + K, d_w)
             mask = torch.cat([p_mask.to(mask.dtype), mask], dim=1)  # (B, R + T)
         qmask = mask.new_ones((B, K))
         full = torch.cat([self.w_mask, mask, qmask], dim=1)  # (B, L_w + T + K)
@@ -231,4 +271,4 @@ class WovenState:
         self.w_cache.crop(-K)  # the queries are not part of the sequence the weaver reads next time
         self.w_mask = torch.cat([self.w_mask, mask], dim=1)
         self.w_next_pos = self.w_next_pos + mask.sum(1)
-        return mm.heads.proj_out(out[:, -K:]).to(mm.embed.weight.dtype)  # (B, K, d_r)
+        return mm.heads.proj_out(out[:, -K:].float()).to(mm.embed.weight.dtype)  # (B, K, d_r)
