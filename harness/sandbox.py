@@ -185,8 +185,9 @@ cp "$STAGE/runner.py" "$STAGE/spec.json" "$R/tmp/"
 chown -R "$SBX_UID:$SBX_UID" "$R/tmp"
 for p in $LINKS; do ln -s "$(readlink "$p")" "$R$p"; done
 for p in $RO_PATHS; do
-  if [ -d "$p" ]; then mkdir -p "$R$p"; else mkdir -p "$R$(dirname "$p")"; : > "$R$p"; fi
-  mount -o bind,ro,nosuid,nodev "$p" "$R$p"
+  src=${p%%|*}; dst=$R${p#*|}
+  if [ -d "$src" ]; then mkdir -p "$dst"; else mkdir -p "$(dirname "$dst")"; : > "$dst"; fi
+  mount -o bind,ro,nosuid,nodev "$src" "$dst"
 done
 for f in $ETC_FILES; do cp -L "$f" "$R$f" 2>/dev/null || true; done
 echo "sandbox:x:$SBX_UID:$SBX_UID:sandbox:/tmp:/bin/sh" > "$R/etc/passwd"
@@ -227,22 +228,28 @@ def _covered(path: str, roots: Sequence[str]) -> bool:
 
 
 @cache
-def _root_layout() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(symlinks to recreate, paths to bind read-only) of the minimal root: the system folders, then the real
-    interpreter binary (not the venv's symlink), its stdlib and libpython folders and the site-packages, each
-    left out when a folder already bound holds it. The venv's site-packages go on ``sys.path`` without their
-    .pth hooks, so the harness itself (an editable install) is not importable."""
+def _root_layout() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(symlinks to recreate, (host path, path in the root) to bind read-only) of the minimal root: the system
+    folders, then the real interpreter binary (not the venv's symlink), its stdlib and libpython folders, each
+    left out when a folder already bound holds it, all at their real paths; other site-packages (the venv's,
+    inside the repository) at ``/site-packages<i>``, so no folder of the repository appears. They go on
+    ``sys.path`` without their .pth hooks, so the harness itself (an editable install) is not importable."""
     links = tuple(p for p in _SYSTEM if os.path.islink(p) and "/" not in p[1:])
-    binds: list[str] = []
-    for p in _SYSTEM:
-        if os.path.isdir(p) and not os.path.islink(p):
-            binds.append(p)
+    binds: list[tuple[str, str]] = [(p, p) for p in _SYSTEM if os.path.isdir(p) and not os.path.islink(p)]
     py = [os.path.realpath(sys.executable), os.path.realpath(str(sysconfig.get_config_var("LIBDIR") or "")),
-          os.path.realpath(sysconfig.get_path("stdlib")), *_site_dirs()]
+          os.path.realpath(sysconfig.get_path("stdlib"))]
     for p in sorted(dict.fromkeys(p for p in py if p and os.path.exists(p)), key=len):
-        if not _covered(p, binds) and "\n" not in p:
-            binds.append(p)
-    return links, tuple(binds)
+        if not _covered(p, [h for h, _ in binds]):
+            binds.append((p, p))
+    for i, p in enumerate(d for d in _site_dirs() if not _covered(d, [h for h, _ in binds])):
+        binds.append((p, f"/site-packages{i}"))
+    return links, tuple((h, r) for h, r in binds if "\n" not in h and "|" not in h)
+
+
+def _sys_path() -> list[str]:
+    """The site-packages folders as the sandboxed interpreter sees them."""
+    inside = dict(_root_layout()[1])
+    return [inside.get(d, d) for d in _site_dirs()]
 
 
 def _namespace_cmd() -> list[str]:
@@ -255,7 +262,8 @@ def _namespace_cmd() -> list[str]:
 def _setup_env(stage: Path, uid: int, workdir_mb: int) -> dict[str, str]:
     links, binds = _root_layout()
     return {"PATH": _ROOT_PATH, "STAGE": str(stage), "SBX_UID": str(uid), "WORKDIR_MB": str(workdir_mb),
-            "LINKS": "\n".join(links), "RO_PATHS": "\n".join(binds), "ETC_FILES": "\n".join(_ETC),
+            "LINKS": "\n".join(links), "RO_PATHS": "\n".join(f"{h}|{r}" for h, r in binds),
+            "ETC_FILES": "\n".join(_ETC),
             "RUN": f"{os.path.realpath(sys.executable)}\n-I\n-B\nrunner.py"}
 
 
@@ -263,7 +271,7 @@ def _fallback_readable(stage: Path) -> list[str]:
     """What the fallback's audit hook lets a program open or list: its workdir, the interpreter's folders, the
     system folders and /etc files of the minimal root, /dev and /proc (other processes' entries refused)."""
     _, binds = _root_layout()
-    return [str(stage), *binds, os.path.realpath(sys.prefix), *_ETC, "/dev", "/proc", "/sys"]
+    return [str(stage), *(h for h, _ in binds), os.path.realpath(sys.prefix), *_ETC, "/dev", "/proc", "/sys"]
 
 
 _MIN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
@@ -366,9 +374,9 @@ class Sandbox:
             spec = {"solution": program.solution, "tests": program.tests, "kind": program.kind,
                     "entry_point": program.entry_point, "setup": program.setup, "rlimits": limits.rlimits(),
                     "block_sockets": not namespaced,
-                    # Inside the namespace the site-packages are bound at their real paths; the fallback's
-                    # interpreter finds its own, and its audit hook refuses reads outside these folders.
-                    "sys_path": _site_dirs() if namespaced else [],
+                    # The site-packages as bound in the minimal root; the fallback's interpreter finds its own,
+                    # and its audit hook refuses reads outside these folders.
+                    "sys_path": _sys_path() if namespaced else [],
                     "readable": [] if namespaced else _fallback_readable(stage)}
             if not namespaced:
                 spec["rlimits"].pop("RLIMIT_NPROC")  # per real uid: it would count the harness user's processes

@@ -7,6 +7,7 @@ unprotected. Every canary the tests attack is a file they create themselves.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import select
 import socket
@@ -90,6 +91,102 @@ def test_pytest_and_unittest_kinds(sbx):
     assert (out.status, out.passed, out.total) == ("passed", 2, 2)
 
 
+KOD_TESTS = """import os
+import pytest
+import solution
+from solution import f
+
+@pytest.fixture
+def two():
+    return 2
+
+def test_fixture(two):
+    assert f(1) == two
+
+def test_tmp_path(tmp_path):
+    p = tmp_path / "x.txt"
+    p.write_text(str(f(3)))
+    assert p.read_text() == "6"
+
+def test_capsys(capsys):
+    print(f(4))
+    assert capsys.readouterr().out == "8\\n"
+
+def test_monkeypatch(monkeypatch):
+    monkeypatch.setattr(solution, "SCALE", 3)
+    monkeypatch.setenv("KOD", "1")
+    assert f(1) == 3 and os.environ["KOD"] == "1"
+
+@pytest.mark.parametrize("x", [1, 2])
+def test_param(x):
+    assert f(x) == 2 * x
+
+@pytest.mark.xfail(reason="documented bug")
+def test_xfail():
+    assert f(1) == 3
+
+@pytest.mark.skip(reason="not today")
+def test_skip():
+    assert False
+"""
+XPASS_STRICT = "\n@pytest.mark.xfail(strict=True)\ndef test_xpass_strict():\n    assert f(1) == 2\n"
+KOD_SOLUTION = "SCALE = 2\ndef f(x):\n    return SCALE * x\n"
+
+
+def _real_pytest_exit(tmp: Path, solution: str, tests: str) -> int:
+    """pytest's own exit status on the same files, outside the sandbox: what KodCode's run_test.sh checks."""
+    (tmp / "solution.py").write_text(solution)
+    (tmp / "test_solution.py").write_text(tests)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp),
+                           "test_solution.py"], cwd=tmp, capture_output=True).returncode
+
+
+def test_pytest_kind_runs_real_pytest_with_fixtures_and_marks(sbx, tmp_path):
+    # fixture, tmp_path, capsys, monkeypatch, 2 parametrized, xfailed, skipped: all count as passed (exit status 0)
+    out = sbx.run(Program(solution=KOD_SOLUTION, tests=KOD_TESTS, kind="pytest"))
+    assert (out.status, out.passed, out.total) == ("passed", 8, 8), out.failures or out.stdout
+    assert _real_pytest_exit(tmp_path, KOD_SOLUTION, KOD_TESTS) == 0
+    # a strict xfail that passes fails the run, in pytest as here
+    out = sbx.run(Program(solution=KOD_SOLUTION, tests=KOD_TESTS + XPASS_STRICT, kind="pytest"))
+    assert (out.status, out.passed, out.total) == ("failed", 8, 9)
+    assert "test_xpass_strict" in out.failures[0] and "XPASS(strict)" in out.failures[0]
+    assert _real_pytest_exit(tmp_path, KOD_SOLUTION, KOD_TESTS + XPASS_STRICT) == 1
+    # a wrong solution: the xfailed test now passes unexpectedly (non-strict: still fine), the others fail
+    wrong = "SCALE = 1\ndef f(x):\n    return x + 1\n"
+    out = sbx.run(Program(solution=wrong, tests=KOD_TESTS, kind="pytest"))
+    assert out.status == "failed" and out.total == 8 and 0 < out.passed < 8
+    missing = sbx.run(Program(solution="def g():\n    return 1\n", tests=KOD_TESTS, kind="pytest"))
+    assert missing.status == "failed" and "collection failed" in missing.reason
+
+
+def test_pytest_kind_ignores_conftest_and_ini_the_solution_writes(sbx):
+    forge = ("open('conftest.py', 'w').write('import pytest\\n@pytest.hookimpl(hookwrapper=True)\\n"
+             "def pytest_runtest_makereport(item, call):\\n    o = yield\\n    o.get_result().outcome = \\'passed\\'\\n')\n"
+             "open('pytest.ini', 'w').write('[pytest]\\naddopts = -p no:python\\n')\n"
+             "open('test_solution.py', 'w').write('def test_ok():\\n    pass\\n')\n"
+             "import os\nos.environ['PYTEST_ADDOPTS'] = '--collect-only'\n"
+             "def f(x):\n    return -1\n")
+    out = sbx.run(Program(solution=forge, tests=KOD_TESTS, kind="pytest"))
+    assert out.status == "failed" and out.total == 8 and out.passed == 2  # only the xfail and the skip
+
+
+def test_unittest_kind_counts_as_bigcodebench(sbx):
+    tests = ("import unittest\nclass TestCases(unittest.TestCase):\n    @classmethod\n    def setUpClass(cls):\n"
+             "        cls.k = 2\n    def test_class_fixture(self):\n        self.assertEqual(f(1), self.k)\n"
+             "    @unittest.expectedFailure\n    def test_expected_failure(self):\n        self.assertEqual(f(5), 11)\n"
+             "    @unittest.expectedFailure\n    def test_unexpected_success(self):\n        self.assertEqual(f(1), 2)\n"
+             "    @unittest.skip('x')\n    def test_skipped(self):\n        self.fail()\n"
+             "    def test_subtests(self):\n        for i in range(3):\n            with self.subTest(i=i):\n"
+             "                self.assertEqual(f(i), 2 * i)\n")
+    # a TestCase of the solution's own is never run (it would pad pass_fraction)
+    sol = ("import unittest\ndef f(x):\n    return 2 * x\nclass Bonus(unittest.TestCase):\n"
+           "    def test_free(self):\n        pass\n")
+    out = run(sbx, sol, tests=tests, kind="unittest")
+    assert (out.status, out.passed, out.total) == ("passed", 5, 5), out.failures
+    half = run(sbx, "def f(x):\n    return 2 * x if x < 2 else 0\n", tests=tests, kind="unittest")
+    assert (half.status, half.passed, half.total) == ("failed", 4, 5) and "test_subtests" in half.failures[0]
+
+
 def test_outputs_and_environment_are_minimal(sbx):
     out = run(sbx, "import os, sys\nprint(sorted(os.environ), os.getcwd(), os.getuid() != 0)\n"
                    "print(sys.stdin.read() == '')\n" + GOOD)
@@ -116,6 +213,52 @@ def test_fallback_mode_blocks_sockets_in_process():
         net = fb.run(Program(solution="import socket\nsocket.create_connection(('127.0.0.1', 9))\n", tests=CHECK,
                              entry_point="f"))
         assert net.status == "failed" and "network access is blocked" in net.reason
+
+
+REPO = Path(__file__).resolve().parents[1]
+# What BigCodeBench's tasks import, as far as it is installed here (the check runs only what the host has).
+BENCH_MODULES = ["numpy", "pandas", "scipy", "sklearn", "matplotlib", "PIL", "dateutil", "yaml", "regex", "networkx",
+                 "sympy", "requests", "pytz", "seaborn", "nltk", "bs4", "statsmodels", "openpyxl"]
+
+
+def _peek_program(data_dir: Path) -> str:
+    """A solution that tries to read the gold answers and the repository, list them, and import the libraries."""
+    targets = [str(data_dir / "humaneval" / "test.jsonl"), str(data_dir / "mbpp_sanitized" / "test.jsonl"),
+               str(REPO / "README.md"), str(REPO / "harness" / "sandbox.py"), "/root/.bashrc", "/etc/shadow"]
+    mods = [m for m in BENCH_MODULES if importlib.util.find_spec(m) is not None]
+    return ("import os, importlib\nseen = {}\n"
+            f"for p in {targets!r}:\n"
+            "    try:\n        open(p).read(64)\n        seen[p] = 'READ'\n"
+            "    except OSError as e:\n        seen[p] = type(e).__name__\n"
+            f"for d in [{str(data_dir)!r}, {str(REPO)!r}]:\n"
+            "    try:\n        os.listdir(d)\n        seen[d] = 'LISTED'\n"
+            "    except OSError as e:\n        seen[d] = type(e).__name__\n"
+            f"for m in {mods!r}:\n    importlib.import_module(m)\n"
+            "import matplotlib.pyplot as plt, pandas as pd\nplt.plot([1, 2]); plt.savefig('fig.png')\n"
+            "pd.DataFrame({'a': [1]}).to_csv('a.csv')\nprint(sorted(seen.items()))\nprint(sorted(os.listdir('/')))\n"
+            "def f(x):\n    assert all(v in ('FileNotFoundError', 'PermissionError') for v in seen.values()), seen\n"
+            "    return 2 * x\n")
+
+
+@needs_isolation
+def test_minimal_root_hides_the_host_files_but_not_the_libraries(data_dir):
+    assert (data_dir / "humaneval" / "test.jsonl").exists() and (REPO / "README.md").exists()
+    with Sandbox(SandboxLimits(timeout_s=60, cpu_s=60, memory_mb=4096), workers=1, uid_base=UID_BASE + 48) as sb:
+        out = sb.run(Program(solution=_peek_program(data_dir), tests=CHECK, entry_point="f"))
+    assert out.status == "passed", (out.reason, out.stdout, out.stderr[-2000:])
+    assert "FileNotFoundError" in out.stdout and "READ" not in out.stdout and "LISTED" not in out.stdout
+    # the root holds the system's and the interpreter's folders and nothing else of the host
+    top = set(eval(out.stdout.strip().splitlines()[-1]))  # noqa: S307 - our own program's printed list
+    assert {"usr", "tmp", "dev", "proc", "etc"} <= top and not top & {"home", "var", "opt", "mnt", "srv"}
+    assert REPO.parts[1] not in top  # the venv inside the repository is bound elsewhere
+
+
+def test_fallback_refuses_reads_outside_the_interpreter(data_dir):
+    # The in-process audit hook stops a plain open()/listdir() of the data or the repository (not ctypes).
+    with Sandbox(SandboxLimits(timeout_s=60, cpu_s=60, memory_mb=4096), workers=1, force_fallback=True) as fb:
+        out = fb.run(Program(solution=_peek_program(data_dir), tests=CHECK, entry_point="f"))
+    assert out.status == "passed", (out.reason, out.stdout, out.stderr[-2000:])
+    assert "PermissionError" in out.stdout and "READ" not in out.stdout and "LISTED" not in out.stdout
 
 
 def test_fallback_is_refused_when_isolation_is_required():
