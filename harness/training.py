@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArgum
 
 from harness.config import ConfigError, RunConfig, TrainConfig
 from harness.errors import NonFiniteLossError
+from harness.generation import end_of_turn_id
 
 IGNORE_INDEX = -100
 
@@ -21,13 +22,16 @@ IGNORE_INDEX = -100
 def tokenize_prompt_target(
     tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int
 ) -> dict[str, list[int]]:
-    """Token ids of ``prompt + target + eos`` and labels that are IGNORE_INDEX on the prompt.
+    """Token ids of ``prompt + target + end-of-turn`` and labels that are IGNORE_INDEX on the prompt.
+
+    The target ends with the chat template's end-of-turn token (``harness.generation.end_of_turn_id``; the EOS when
+    there is none), one of the tokens generation stops on, so a trained model ends its turn as evaluation expects.
 
     The prompt is tokenised on its own so the boundary is exact (chat templates end in a newline, so no token
     straddles it). Over-long rows are truncated from the right; ``prompt_len`` is where the target starts.
     """
     p = tokenizer(prompt, add_special_tokens=False).input_ids
-    t = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    t = tokenizer(target, add_special_tokens=False).input_ids + [end_of_turn_id(tokenizer)]
     if len(p) >= max_length:
         raise ValueError(f"a prompt of {len(p)} tokens leaves no room for its target within train.max_length="
                          f"{max_length}; raise train.max_length or shorten the task's prompt")

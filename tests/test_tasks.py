@@ -97,3 +97,55 @@ def test_chat_template_prompt():
     t = get_task("arith")
     p = t.prompt(t.load("test", limit=1)[0], tok)
     assert p.startswith("<|im_start|>") and p.endswith("<|im_start|>assistant\n")
+
+
+def test_scoring_changes_bumped_the_versions():
+    want = {"math": "2", "math500": "2", "gsm8k": "2", "aqua": "2", "gpqa": "2", "arc_challenge": "2", "choice": "3"}
+    assert {name: get_task(name).version for name in want} == want
+    assert get_task("choice").definition.filter == "choice"  # strict; `choice_lenient` is the old cascade
+
+
+def test_until_cuts_the_completion_before_scoring(data_dir):
+    t = get_task("gsm8k", data_dir)
+    (e,) = t.load("test", limit=1)
+    right = f"So the answer is \\boxed{{{e.answer}}}."
+    invented = right + "\nQuestion: what is 1+1?\nAnswer: \\boxed{2}"  # the model goes on with a new question
+    assert t.definition.until == ["Question:"]
+    assert t.truncate(invented) == right + "\n" and t.score(invented, e) == 1.0
+    assert t.explain(invented) == (e.answer, "boxed")
+
+
+def test_choice_task_gold_and_echoed_options(data_dir):
+    t = get_task("aqua", data_dir)
+    ex = t.load("test", limit=20, seed=0)
+    assert all(t.score(e.target, e) == 1.0 for e in ex)
+    assert all(t.explain(e.target) == (e.answer, "boxed") for e in ex)
+    # a completion that only echoes the option list ("A)21\nB)22...") scores 0 on every question, also on "A"
+    echoes = [e.question.split("Options:\n", 1)[1] for e in ex]
+    assert all(t.score(c, e) == 0.0 and t.explain(c) == (None, None) for c, e in zip(echoes, ex, strict=True))
+
+
+def test_until_must_be_a_list(tmp_path, monkeypatch):
+    from tasks import registry
+
+    (tmp_path / "bad.yaml").write_text("name: bad\nversion: 1\ndomain: x\nprompt: '{question}'\nfilter: first_line\n"
+                                       "metric: exact\nuntil: 'Question:'\n")
+    with pytest.raises(TaskError, match="until must be a list"):
+        registry.parse_definition(tmp_path / "bad.yaml")
+
+
+def test_runner_stores_the_extracted_answer_and_rule():
+    from harness.runner import evaluate
+
+    class Scripted:  # a method that answers with fixed text: only the runner's bookkeeping is under test
+        name = "scripted"
+
+        def generate(self, task, examples, max_new_tokens):
+            return ["The answer is (B).", "A. dog\nB. cat\nC. oak\nD. red", "B"][: len(examples)]
+
+    t = get_task("choice")
+    ex = t.load("test", limit=3)
+    cell, samples = evaluate(Scripted(), t, ex, 8)
+    assert [(s["extracted"], s["extract_rule"]) for s in samples] == [("B", "answer_statement"), (None, None),
+                                                                     ("B", "bare_letter")]
+    assert cell.n == 3 and cell.correct == sum(s["score"] for s in samples)
