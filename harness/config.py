@@ -45,7 +45,8 @@ class TrainConfig:
     scheduler: str = "cosine"
     """Learning-rate schedule: cosine, linear or constant (transformers names)."""
     max_length: int = 512
-    """Prompt + target tokens kept (longer ones are truncated from the right)."""
+    """Prompt + target tokens kept; never less than the prompt + the task's generation budget (+ EOS), so a target
+    the model could produce at evaluation is never cut (longer targets are truncated from the right)."""
     lora: bool = True
     """LoRA adapter (peft) instead of full fine-tuning."""
     lora_r: int = 16
@@ -53,11 +54,30 @@ class TrainConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator."""
     lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch (SFT, MemGen); the RL baselines use 0 so the PPO ratio is exactly 1 (OpenRLHF's
+    default lora_dropout is 0 too)."""
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    """Module names that get a LoRA adapter."""
+    """Module names that get a LoRA adapter; ``all-linear`` adapts every linear layer (attention + MLP), closer to
+    the paper's full-model SFT (or use ``lora: false`` for full fine-tuning)."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
+
+
+REFERENCES = ("init", "task_start")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Regularisation shared by the RL baselines (``grpo``, ``reinforce_pp``): one rule for both, so their
+    forgetting compares algorithms, not regularisers. Each applies it in its own paper's form (GRPO: TRL's k3 KL
+    loss, beta = ``kl_coef``; REINFORCE++: the k1 KL in the per-token reward, or OpenRLHF's k2 KL loss for the
+    ``baseline`` variant)."""
+
+    kl_coef: float = 0.0
+    """KL coefficient against the reference policy; 0 (default) = no KL term and no reference forward."""
+    reference: str = "init"
+    """The KL reference: init (the model before the whole sequence) or task_start (the policy when the current
+    task's training began)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,8 @@ class RunConfig:
     """Output root; one run directory per method below it."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training settings."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """KL regularisation of the RL baselines."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -248,6 +270,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.max_steps must be >= 0 and train.lr > 0")
     if cfg.train.scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
         raise ConfigError(f"train.scheduler {cfg.train.scheduler!r} is not valid; use cosine, linear or constant")
+    if cfg.rl.reference not in REFERENCES or cfg.rl.kl_coef < 0:
+        raise ConfigError(f"rl.reference {cfg.rl.reference!r} / rl.kl_coef {cfg.rl.kl_coef}: use init or task_start "
+                          f"and a kl_coef >= 0")
     if not cfg.methods:
         raise ConfigError("methods is empty; name at least one (see `memgen-bench methods`)")
     return cfg

@@ -65,7 +65,8 @@ def approx_kl(
     """Per-token KL(policy || reference) estimate from log-probs of the sampled tokens, 0 on padding. (B, T)
 
     k1 = log p - log p_ref (unbiased, can be negative), k2 = k1^2 / 2, k3 = exp(-k1) - 1 + k1 (Schulman's
-    estimators, OpenRLHF's ``compute_approx_kl``)."""
+    estimators, OpenRLHF's ``compute_approx_kl``), each clamped to [-10, 10] as OpenRLHF does, so one token the
+    reference finds near-impossible cannot dominate the reward or the loss."""
     log_ratio = logp.float() - ref_logp.float()  # (B, T)
     if estimator == "k1":
         kl = log_ratio
@@ -75,7 +76,7 @@ def approx_kl(
         kl = torch.expm1(-log_ratio) + log_ratio
     else:
         raise ValueError(f"KL estimator {estimator!r} is not valid; use k1, k2 or k3")
-    return kl * mask.to(kl.dtype)
+    return kl.clamp(min=-10.0, max=10.0) * mask.to(kl.dtype)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -109,12 +110,12 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return out
 
 
-def whiten_global(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten_global(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, scale: bool = True) -> torch.Tensor:
     """Normalise ``x`` (B, T) by the mean and std of its valid tokens across the whole global batch.
 
     Under ``torch.distributed`` the sums are all-reduced so every process uses the same statistics (OpenRLHF's
     global batch normalisation); in a single process this is plain masked whitening. Population variance and
-    ``rsqrt(clamp(var, 1e-8))`` as OpenRLHF."""
+    ``rsqrt(clamp(var, 1e-8))`` as OpenRLHF. ``scale=False`` only subtracts the mean."""
     m = mask.to(torch.float32)
     xf = x.float()
     stats = torch.stack([(xf * m).sum(), m.sum()])  # (2,)
@@ -122,6 +123,8 @@ def whiten_global(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if distributed:
         torch.distributed.all_reduce(stats)
     mean = stats[0] / stats[1].clamp(min=1.0)
+    if not scale:
+        return (xf - mean) * m
     sq = ((xf - mean).pow(2) * m).sum()
     if distributed:
         torch.distributed.all_reduce(sq)
@@ -137,20 +140,34 @@ def reinforce_pp_advantages(
     kl_coef: float = 0.0,
     gamma: float = 1.0,
     group_size: int | None = None,
+    whiten: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ advantages and returns, each (B, T).
 
     ``rewards`` (B,) scalar task rewards; ``kl`` (B, T) per-token KL estimate (``approx_kl``). With ``group_size``
     (the ``baseline`` variant) each reward first has its group's mean subtracted. The KL penalty enters the
     per-token reward, the scalar reward sits on the last token, returns use ``gamma``, and the returns are whitened
-    over the global batch of tokens to give the advantages."""
+    over the global batch of tokens to give the advantages.
+
+    ``whiten``: None = only when the (baseline-subtracted) rewards take more than one value (``has_spread``);
+    otherwise the returns are only centred. When every reward ties, the returns differ only by the KL terms, and
+    whitening would blow those tiny differences up to unit-size advantages: a full-strength step back toward the
+    reference with no task signal. Centring keeps them at the KL penalty's own scale. Under torch.distributed pass
+    ``whiten`` computed from the global batch's rewards."""
     r = rewards.float()  # (B,)
     if group_size is not None:
         g = _grouped(r, group_size)  # (B/G, G)
         r = (g - g.mean(dim=1, keepdim=True)).reshape(-1)
     dense = token_rewards(r, kl, mask, kl_coef)  # (B, T)
     returns = discounted_returns(dense, mask, gamma)  # (B, T)
-    return whiten_global(returns, mask), returns
+    scale = has_spread(r) if whiten is None else whiten
+    return whiten_global(returns, mask, scale=scale), returns
+
+
+def has_spread(rewards: torch.Tensor, tol: float = 1e-6) -> bool:
+    """True if the rewards (B,) take more than one value (beyond ``tol``): whitening has a task signal to scale."""
+    r = rewards.float()
+    return r.numel() > 1 and float(r.max() - r.min()) > tol
 
 
 def policy_loss(

@@ -20,7 +20,7 @@ IGNORE_INDEX = -100
 
 
 def tokenize_prompt_target(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int, target_budget: int = 0
 ) -> dict[str, list[int]]:
     """Token ids of ``prompt + target + end-of-turn`` and labels that are IGNORE_INDEX on the prompt.
 
@@ -28,10 +28,13 @@ def tokenize_prompt_target(
     there is none), one of the tokens generation stops on, so a trained model ends its turn as evaluation expects.
 
     The prompt is tokenised on its own so the boundary is exact (chat templates end in a newline, so no token
-    straddles it). Over-long rows are truncated from the right; ``prompt_len`` is where the target starts.
+    straddles it). Over-long rows are truncated from the right; ``prompt_len`` is where the target starts. With
+    ``target_budget`` (the task's generation budget) the limit is at least prompt + budget + EOS, so a target the
+    model could produce at evaluation is never cut by ``max_length``.
     """
     p = tokenizer(prompt, add_special_tokens=False).input_ids
     t = tokenizer(target, add_special_tokens=False).input_ids + [end_of_turn_id(tokenizer)]
+    max_length = max(max_length, len(p) + target_budget + 1) if target_budget else max_length
     if len(p) >= max_length:
         raise ValueError(f"a prompt of {len(p)} tokens leaves no room for its target within train.max_length="
                          f"{max_length}; raise train.max_length or shorten the task's prompt")
@@ -54,14 +57,17 @@ def pad_right(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def lora_config(t: TrainConfig, targets: Sequence[str] | None = None):
+def lora_config(t: TrainConfig, targets: Sequence[str] | None = None, dropout: float | None = None):
+    """peft's ``LoraConfig`` from ``train.lora_*``; ``all-linear`` (peft's own shorthand) adapts every linear layer
+    but the output head. ``dropout`` overrides ``train.lora_dropout`` (the RL baselines pass 0)."""
     from peft import LoraConfig
 
+    names = list(targets or t.lora_targets)
     return LoraConfig(
         r=t.lora_r,
         lora_alpha=t.lora_alpha,
-        lora_dropout=t.lora_dropout,
-        target_modules=list(targets or t.lora_targets),
+        lora_dropout=t.lora_dropout if dropout is None else dropout,
+        target_modules="all-linear" if names == ["all-linear"] else names,
         task_type="CAUSAL_LM",
     )
 
@@ -134,9 +140,10 @@ ADAPTER_DIR = "adapter"
 FULL_DIR = "model"
 
 
-def trainable_model(model: Any, cfg: RunConfig, method: str) -> Any:
+def trainable_model(model: Any, cfg: RunConfig, method: str, lora_dropout: float | None = None) -> Any:
     """The model a weight-training baseline updates: a fresh LoRA adapter (``train.lora``, initialised from a seed
-    derived from (master seed, ``method``) without touching the global RNG) or the full model itself."""
+    derived from (master seed, ``method``) without touching the global RNG) or the full model itself.
+    ``lora_dropout`` overrides ``train.lora_dropout``."""
     if not cfg.train.lora:
         return model
     from peft import get_peft_model
@@ -145,7 +152,7 @@ def trainable_model(model: Any, cfg: RunConfig, method: str) -> Any:
 
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, f"{method}-lora-init"))
-        return get_peft_model(model, lora_config(cfg.train))
+        return get_peft_model(model, lora_config(cfg.train, dropout=lora_dropout))
 
 
 def save_weights(model: Any, path: Path, lora: bool) -> None:
@@ -179,3 +186,14 @@ def load_weights(model: Any, path: Path, lora: bool) -> None:
         if real_missing:
             raise RuntimeError(f"checkpoint {path} lacks weights {real_missing[:3]}")
     model.eval()
+
+
+def rollout_stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The stop tokens of evaluation (``harness.generation.stop_token_ids``: the tokenizer's EOS, the model's own EOS
+    list, the chat template's end-of-turn token) for RL rollouts, so training samples end where evaluation does."""
+    from harness.generation import stop_token_ids
+
+    try:
+        return stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    except TypeError:  # an older harness.generation whose stop_token_ids takes the tokenizer alone
+        return stop_token_ids(tokenizer)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from baselines.reinforce_pp import ReinforcePP, completion_mask, parse_options, prompt_batches, token_logps
-from harness.config import ConfigError, RunConfig, TrainConfig
+from harness.config import ConfigError, RLConfig, RunConfig, TrainConfig
 from harness.runner import run_method
 from harness.store import read_json
 from tasks.base import Example, render_prompt
@@ -33,8 +33,17 @@ class LetterTask:
         return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
 
 
-def _cfg(lora: bool = True, steps: int = 2) -> RunConfig:
-    return RunConfig(model="tiny-random", train=TrainConfig(max_steps=steps, lr=1e-2, lora=lora, warmup_ratio=0.0))
+class ConstTask(LetterTask):
+    """Every completion scores 1: every batch's rewards tie."""
+
+    def score(self, completion: str, example: Example) -> float:
+        return 1.0
+
+
+def _cfg(lora: bool = True, steps: int = 2, kl: float = 0.0, reference: str = "init") -> RunConfig:
+    # train.lora_dropout stays at its 0.05 default: the RL baselines must ignore it (PPO ratio 1)
+    return RunConfig(model="tiny-random", train=TrainConfig(max_steps=steps, lr=1e-2, lora=lora, warmup_ratio=0.0),
+                     rl=RLConfig(kl_coef=kl, reference=reference))
 
 
 def test_completion_mask_stops_after_first_stop_token():
@@ -69,18 +78,25 @@ def test_token_logps_match_the_sampler_with_left_padding(tiny):
 
 @pytest.mark.slow
 def test_lora_training_moves_only_the_adapter_and_round_trips(tiny, tmp_path):
-    opts = {"samples_per_prompt": 4, "prompts_per_step": 2, "max_completion_length": 8, "kl_coef": 0.1}
-    method = ReinforcePP(tiny(0), _cfg(), opts)
+    opts = {"samples_per_prompt": 4, "prompts_per_step": 2, "max_completion_length": 8}
+    method = ReinforcePP(tiny(0), _cfg(kl=0.1), opts)
     task = LetterTask()
     before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
     stats = method.train_on_task(task, task.load("train", limit=4), stage=1)
     assert len(stats["losses"]) == 2 and all(torch.isfinite(torch.tensor(stats["losses"])))
     assert stats["kl"][0] == 0.0  # the adapter starts at zero (LoRA B = 0): policy == reference
     assert stats["kl"][1] != 0.0  # after one step the policy has moved away from the base model
+    # same dropout state (none) for old and new log-probs: the PPO ratio is 1 at one epoch, nothing is clipped
+    assert max(stats["ratio_dev"]) < 1e-5 and stats["clip_frac"] == [0.0, 0.0]
+    # the budget of the stage: 2 steps x 2 prompts over 4 examples, 8 rollouts per step
+    assert stats["prompts_per_step"] == 2 and stats["examples_seen"] == 4 and stats["optimizer_steps"] == 2
+    assert stats["generated_tokens"] == round(sum(stats["lengths"]) * 8)
+    assert stats["train_tokens"] > stats["generated_tokens"] > 0  # prompts + completions vs completions
+    assert stats["trainable_params"] == sum(p.numel() for n, p in method.model.named_parameters() if "lora_" in n)
     changed = {n for n, p in method.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:3]
     method.save(tmp_path / "ckpt")
-    again = ReinforcePP(tiny(0), _cfg(), opts)
+    again = ReinforcePP(tiny(0), _cfg(kl=0.1), opts)
     again.load(tmp_path / "ckpt")
     for (n, p), (_, q) in zip(method.model.named_parameters(), again.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
@@ -96,7 +112,7 @@ def test_lora_training_moves_only_the_adapter_and_round_trips(tiny, tmp_path):
 @pytest.mark.slow
 def test_full_finetuning_keeps_a_frozen_reference(tiny):
     opts = {"samples_per_prompt": 4, "max_completion_length": 6, "variant": "baseline", "ppo_epochs": 2}
-    method = ReinforcePP(tiny(0), _cfg(lora=False, steps=1), opts)
+    method = ReinforcePP(tiny(0), _cfg(lora=False, steps=1, kl=0.01), opts)
     ref_before = {n: p.detach().clone() for n, p in method.ref_model.named_parameters()}
     before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
     method.train_on_task(LetterTask(), LetterTask().load("train", limit=2), stage=1)
@@ -133,4 +149,54 @@ def test_options_are_checked():
         parse_options({"group": 8})
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         parse_options({"variant": "baseline", "samples_per_prompt": 1})
-    assert parse_options({}).kl_coef == 0.01 and parse_options({}).gamma == 1.0
+    with pytest.raises(ConfigError, match="rl.kl_coef"):
+        parse_options({"kl_coef": 0.01})
+    with pytest.raises(ConfigError, match="does not divide train.batch_size"):
+        parse_options({"samples_per_prompt": 3})
+    # OpenRLHF's REINFORCE++: 1 sample x train.batch_size prompts, the same 8 generations per step as GRPO's 1 x 8
+    o = parse_options({})
+    assert (o.samples_per_prompt, o.prompts_per_step, o.use_kl_loss, o.kl_estimator) == (1, 8, False, "k1")
+    assert parse_options({}, batch_size=16).prompts_per_step == 16 and o.gamma == 1.0
+    # REINFORCE++-baseline: several prompts x a group, with OpenRLHF's k2 KL loss
+    b = parse_options({"variant": "baseline"})
+    assert (b.samples_per_prompt, b.prompts_per_step, b.use_kl_loss, b.kl_estimator) == (4, 2, True, "k2")
+    assert parse_options({"variant": "baseline", "use_kl_loss": False}).kl_estimator == "k1"
+
+
+@pytest.mark.slow
+def test_tied_rewards_are_centred_not_whitened(tiny):
+    """Every rollout scores 1 and the KL is non-zero: no unit-scale advantages, so the step is tiny."""
+    method = ReinforcePP(tiny(0), _cfg(steps=2, kl=0.05), {"max_completion_length": 6, "prompts_per_step": 4})
+    first = method.train_on_task(LetterTask(), LetterTask().load("train", limit=4), stage=1)  # moves the policy
+    assert first["whitened"] == [1.0, 1.0] and max(first["adv_max"]) > 1.0  # rewards spread: unit-scale
+    stats = method.train_on_task(ConstTask(), ConstTask().load("train", limit=4), stage=2)
+    assert stats["rewards"] == [1.0, 1.0] and stats["whitened"] == [0.0, 0.0]
+    assert all(k != 0.0 for k in stats["kl"])  # the KL is really there, and acts only at its own scale:
+    assert 0.0 < max(stats["adv_max"]) < 0.5  # kl_coef * (sums of k1), not rescaled to unit size
+
+
+@pytest.mark.slow
+def test_baseline_variant_has_the_k2_kl_loss(tiny):
+    """REINFORCE++-baseline: no KL in the reward (tied rewards give advantages of exactly 0), so once the policy has
+    moved (a first task) the loss is kl_coef * the token-mean k2 KL alone (OpenRLHF's --use_kl_loss)."""
+    opts = {"variant": "baseline", "samples_per_prompt": 2, "prompts_per_step": 2, "max_completion_length": 6}
+    method = ReinforcePP(tiny(0), _cfg(steps=2, kl=0.5), opts)
+    first = method.train_on_task(LetterTask(), LetterTask().load("train", limit=4), stage=1)
+    assert first["use_kl_loss"] and first["kl"][0] == 0.0  # policy == reference before the first update
+    stats = method.train_on_task(ConstTask(), ConstTask().load("train", limit=4), stage=2)
+    assert stats["adv_max"] == [0.0, 0.0] and stats["kl"][0] > 0.0  # the k2 estimate is >= 0
+    assert stats["losses"][0] == pytest.approx(0.5 * stats["kl"][0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_reference_task_start_resets_the_kl_at_each_task(tiny):
+    """After a first task, rl.reference=task_start measures the KL from where the task began (0 at its first step);
+    rl.reference=init from the base model (non-zero)."""
+    kls = {}
+    for ref in ("init", "task_start"):
+        method = ReinforcePP(tiny(0), _cfg(steps=2, kl=0.1, reference=ref), {"max_completion_length": 6,
+                                                                          "prompts_per_step": 4})
+        method.train_on_task(LetterTask(), LetterTask().load("train", limit=4), stage=1)
+        kls[ref] = method.train_on_task(LetterTask(), LetterTask().load("train", limit=4), stage=2)["kl"][0]
+        assert method.ref_snapshot is None  # the snapshot lives for one task only
+    assert kls["task_start"] == pytest.approx(0.0, abs=1e-6) and abs(kls["init"]) > 1e-6

@@ -49,6 +49,13 @@ def test_approx_kl_estimators():
     assert rl.approx_kl(logp, ref, mask, "k3")[0, 0].item() == pytest.approx(math.exp(-0.5) - 0.5, abs=1e-6)
 
 
+def test_approx_kl_is_clamped_to_ten_as_openrlhf():
+    logp, ref = torch.tensor([[-0.1, -20.0, -1.0]]), torch.tensor([[-15.1, -0.5, -1.0]])  # log ratios 15, -19.5, 0
+    mask = torch.ones(1, 3)
+    assert rl.approx_kl(logp, ref, mask, "k1")[0].tolist() == pytest.approx([10.0, -10.0, 0.0])
+    assert rl.approx_kl(logp, ref, mask, "k2")[0].tolist() == pytest.approx([10.0, 10.0, 0.0])  # 112.5, 190 -> 10
+
+
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
 KL = torch.tensor([[0.1, 0.2, -0.1, 0.0], [0.3, 0.0, 0.0, 0.0]])
 
@@ -72,6 +79,34 @@ def test_reinforce_pp_advantages_global_whitening():
     assert adv.tolist()[0] == pytest.approx([0.35 / std, 0.4 / std, 0.5 / std, 0.0], abs=1e-5)
     assert adv.tolist()[1] == pytest.approx([-0.7 / std, -0.55 / std, 0.0, 0.0], abs=1e-5)
     assert rl.masked_mean(adv, MASK).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tied_rewards_with_kl_give_no_unit_scale_advantages():
+    """All rewards tie (1, 1) and the KL is non-zero: the returns differ only by the KL terms. Whitening would blow
+    those up to unit size (a full step toward the reference with no task signal); the default only centres them."""
+    rewards = torch.tensor([1.0, 1.0])
+    # dense: row 0 [-.05, -.1, .05 + 1], row 1 [-.15 + 1, 0]; returns .9 .95 1.05 | .85 1.0, mean .95
+    adv, ret = rl.reinforce_pp_advantages(rewards, MASK, KL, kl_coef=0.5)
+    assert ret.tolist()[1][:2] == pytest.approx([0.85, 1.0])
+    assert adv.tolist()[0] == pytest.approx([-0.05, 0.0, 0.1, 0.0], abs=1e-6)
+    assert adv.tolist()[1] == pytest.approx([-0.1, 0.05, 0.0, 0.0], abs=1e-6)
+    assert adv.abs().max().item() == pytest.approx(0.1, abs=1e-6)  # the KL penalty's own scale
+    # forcing the whitening shows what the old code did: population std sqrt(.025 / 5) -> unit-size advantages
+    forced, _ = rl.reinforce_pp_advantages(rewards, MASK, KL, kl_coef=0.5, whiten=True)
+    assert forced.tolist()[0][2] == pytest.approx(0.1 / math.sqrt(0.005), abs=1e-4)  # 1.414
+    assert forced.abs().max().item() > 1.0
+    # a baseline variant whose groups each tie is a tie too (every group-centred reward is 0)
+    adv_b, _ = rl.reinforce_pp_advantages(torch.tensor([1.0, 1.0]), MASK, KL, 0.5, group_size=2)
+    assert adv_b.abs().max().item() < 0.11
+    assert rl.has_spread(torch.tensor([0.0, 1.0])) and not rl.has_spread(torch.tensor([0.5, 0.5]))
+    assert not rl.has_spread(torch.tensor([1.0]))
+
+
+def test_whiten_global_without_scale_only_centres():
+    x = torch.tensor([[1.0, 3.0], [5.0, 9.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    out = rl.whiten_global(x, mask, scale=False)  # valid mean (1 + 3 + 5) / 3 = 3
+    assert out.flatten().tolist() == pytest.approx([-2.0, 0.0, 2.0, 0.0])
 
 
 def test_reinforce_pp_baseline_subtracts_group_mean():
