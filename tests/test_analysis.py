@@ -40,11 +40,16 @@ def test_paired_bootstrap_keeps_rows_of_a_column_together():
     rng = np.random.default_rng(0)
     s = rng.integers(0, 2, size=(3, 50)).astype(float)
     s[2] = s[1]  # after task 2, task 1's answers are exactly those right after learning it
-    mats = stats.resampled_matrices([s, rows(0, 0.5, 0.5, n=50)], 200, rng)  # (B, 3, 2)
+    scores = [s, rows(0, 0.5, 0.5, n=50)]
+    R = 100 * np.stack([x.mean(axis=1) for x in scores], axis=1)  # (3, 2)
+    idx = [stats.resample_indices(50, 200, rng), None]  # column 2 without samples: stays fixed
+    assert idx[0].shape == (200, 50) and 0 <= idx[0].min() and idx[0].max() < 50
+    mats = stats.resampled_matrices(R, scores, idx)  # (B, 3, 2)
     assert mats.shape == (200, 3, 2)
     # paired resampling: the difference a_{2,1} - a_{1,1} is 0 in every replicate, not just on average
     np.testing.assert_array_equal(mats[:, 2, 0], mats[:, 1, 0])
     assert mats[:, 1, 0].std() > 0
+    np.testing.assert_array_equal(mats[:, :, 1], np.broadcast_to(R[:, 1], (200, 3)))
 
 
 def test_percentile_ci_and_hierarchical_by_hand():
@@ -52,14 +57,31 @@ def test_percentile_ci_and_hierarchical_by_hand():
     lo, hi = stats.percentile_ci(np.arange(1001.0))
     assert (lo, hi) == pytest.approx((25.0, 975.0))
     assert np.isnan(stats.percentile_ci(np.full(5, np.nan))[0])
-    # runs without sampling noise: the CI comes only from which runs are drawn, and stays within their range
-    reps = np.repeat(np.array([[10.0], [20.0], [30.0]]), 2000, axis=1)  # (K=3, B)
-    h = stats.hierarchical(reps, np.random.default_rng(1))
-    assert h.mean() == pytest.approx(20.0, abs=0.5)
-    assert h.min() >= 10.0 and h.max() <= 30.0 and h.std() > 0
-    # one run: the hierarchical bootstrap is that run's own replicates
-    one = np.random.default_rng(2).normal(size=(1, 500))
-    np.testing.assert_allclose(stats.hierarchical(one, np.random.default_rng(3)), one[0])
+    B = 20000
+    # one run: the hierarchical bootstrap is that run's own within-run replicates
+    one = np.random.default_rng(2).normal(size=(1, B, 1))
+    np.testing.assert_allclose(stats.hierarchical(np.array([0.3]), one, ["o"], np.random.default_rng(3)),
+                               one[0, :, 0])
+    # runs without test-sample noise (constant pools), one order: the spread over runs alone. s^2 = 100 (10, 20,
+    # 30), so the variance of the mean of 3 runs is s^2 / 3 = 33.3; the k/(k-1) factor undoes the bootstrap's
+    # (k-1)/k shrinkage (a plain bootstrap of 3 values gives 22.2).
+    pts = np.array([10.0, 20.0, 30.0])
+    h = stats.hierarchical(pts, np.repeat(pts[:, None, None], B, axis=1).repeat(3, axis=2), ["o"] * 3,
+                           np.random.default_rng(1))
+    assert h.mean() == pytest.approx(20.0, abs=0.3) and h.var() == pytest.approx(100 / 3, rel=0.05)
+    # two orders with one run each: orders are strata, not draws; no noise -> no width
+    h = stats.hierarchical(np.array([10.0, 30.0]), np.array([10.0, 30.0])[:, None, None] * np.ones((2, B, 1)),
+                           ["a", "b"], np.random.default_rng(4))
+    np.testing.assert_allclose(h, 20.0)
+    # runs that differ only by their test-sample noise (s^2 = 2 < tau^2 = 4): the noise counts once, so the
+    # variance of the mean of 2 runs is tau^2 / 2 = 2 (the plain two-stage bootstrap gives about 2 * 2)
+    noise = np.random.default_rng(5).normal(0.0, 2.0, size=(2, B, 2))
+    pts = np.array([49.0, 51.0])
+    h = stats.hierarchical(pts, pts[:, None, None] + noise, ["o", "o"], np.random.default_rng(6))
+    assert h.mean() == pytest.approx(50.0, abs=0.05) and h.var() == pytest.approx(2.0, rel=0.05)
+    # an undefined run (NaN point) is left out
+    h = stats.hierarchical(np.array([np.nan, 5.0]), np.full((2, 10, 1), 5.0), ["o", "p"], np.random.default_rng(7))
+    np.testing.assert_allclose(h, 5.0)
 
 
 def test_analyze_over_orders_and_seeds(tmp_path):
@@ -112,7 +134,7 @@ def test_exports_bold_best_and_caption(tmp_path):
     assert csv[0] == "method,metric,task,mean,ci_low,ci_high,n_runs,n_samples,seeds,orders,model"
     assert len(csv) - 1 == 2 * (6 + 7 * 2)  # methods x (6 averaged + 7 per-task x 2 tasks)
     doc = json.loads(json.dumps(tables.to_json(a)))  # JSON-safe (no NaN)
-    assert doc["conventions"] == {"bwt_divisor": "T-1", "forgetting": "max", "acc": "final"}
+    assert doc["conventions"] == {"bwt_divisor": "T-1", "forgetting": "max", "acc": "final", "fwt_divisor": "T-1"}
     assert {r["method"] for r in doc["runs"]} == {"sft", "my_method"}
     md = tables.to_markdown(a, "final")
     assert "| method" in md and "avg" in md

@@ -34,6 +34,8 @@ class RunData:
     tasks: list[str]
     R: np.ndarray  # (T+1, T) percent
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (T+1, n) per-sample scores in [0, 1]
+    ids: dict[str, list[str]] = field(default_factory=dict)  # task -> (n,) example ids of the score columns, sorted
+    n_recorded: dict[str, int] = field(default_factory=dict)  # task -> n, when only the matrix was kept (no scores)
     trigger: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (T+1,) insertion rate; NaN if none
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +45,7 @@ class RunData:
 
     def n_samples(self, task: str) -> int:
         s = self.scores.get(task)
-        return int(s.shape[1]) if s is not None else 0
+        return int(s.shape[1]) if s is not None else int(self.n_recorded.get(task, 0))
 
 
 def insertion_rate(samples: list[dict[str, Any]]) -> tuple[float, float]:
@@ -88,7 +90,8 @@ def load_run(path: str | Path) -> RunData:
         rows = [_cell_samples(run, i, task) for i in range(len(tasks) + 1)]
         if any(r is None for r in rows):
             continue  # no per-sample scores: only the across-run bootstrap applies to this task
-        ids = [r["id"] for r in rows[0]]
+        # sorted ids: two methods' runs of one (order, seed) then line up column by column for paired differences
+        ids = sorted((r["id"] for r in rows[0]), key=str)
         table = np.full((len(rows), len(ids)), np.nan)  # (T+1, n)
         rate = np.full(len(rows), np.nan)  # (T+1,)
         for i, samples in enumerate(rows):
@@ -101,16 +104,36 @@ def load_run(path: str | Path) -> RunData:
         if not np.allclose(100.0 * table.mean(axis=1), R[:, j], atol=1e-3):
             raise ValueError(f"run {run}: per-sample scores of task {task} do not match matrix.csv; re-run the cells")
         data.scores[task] = table
+        data.ids[task] = [str(k) for k in ids]
         if not np.isnan(rate).all():
             data.trigger[task] = rate
     return data
 
 
+ANALYSIS_JSON = "cl_analysis.json"
+
+
+def runs_from_analysis(path: str | Path) -> list[RunData]:
+    """The runs recorded in a report's ``cl_analysis.json`` (written by ``report --out``): each run's matrix and
+    test-sample counts, but no per-sample scores, so a CI over them covers the spread over runs only."""
+    doc = read_json(Path(path))
+    return [RunData(path=Path(r["path"]), method=r["method"], model=r.get("model", "?"), seed=int(r["seed"]),
+                    tasks=list(r["order"]), R=np.array(r["matrix"], dtype=float),
+                    n_recorded={t: int(n) for t, n in r.get("n_samples", {}).items()}) for r in doc["runs"]]
+
+
 def load_runs(paths: list[str | Path], skipped: list[Path] | None = None) -> list[RunData]:
-    """Every run at or anywhere below the given paths (run dirs, output roots, sweep roots). With a ``skipped``
-    list, unfinished runs are left out and appended to it instead of raising."""
-    out = []
-    for f in find_runs(paths):
+    """Every run at or anywhere below the given paths (run dirs, output roots, sweep roots). A folder holding only a
+    report (``cl_analysis.json``, no run below it) gives that report's runs, without per-sample scores. With a
+    ``skipped`` list, unfinished runs are left out and appended to it instead of raising."""
+    out: list[RunData] = []
+    dirs: list[str | Path] = []
+    for p in map(Path, paths):
+        if (p / ANALYSIS_JSON).exists() and not any(p.rglob("summary.json")):
+            out += runs_from_analysis(p / ANALYSIS_JSON)
+        else:
+            dirs.append(p)
+    for f in find_runs(dirs) if dirs else []:
         if skipped is not None and not read_json(f / "summary.json").get("complete"):
             skipped.append(f)
             continue

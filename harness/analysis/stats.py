@@ -1,18 +1,37 @@
-"""Bootstrap confidence intervals: over evaluation samples within a run, and over runs (seeds x orders).
+"""Bootstrap confidence intervals over runs (task orders x seeds) and over test samples within each run.
 
-Within a run the bootstrap is *paired*: one resampling of a task's test examples is applied to every row of
-that task's column, because all rows evaluate the same examples (so a_{T,j} - a_{j,j} keeps its correlation).
-Across runs it is hierarchical (two-stage): draw runs with replacement, then take each drawn run's own
-within-run replicate, and average. With one run this is the within-run bootstrap; with many runs and
-infinitely many samples it is the plain bootstrap over runs. Intervals are percentile intervals.
-numpy is used directly: scipy.stats.bootstrap resamples one statistic of independent samples and knows neither
-the pairing across rows nor the two stages.
+The scheme is the hierarchical (two-stage) bootstrap with the between-run spread adjusted so that test-sample
+noise is counted once (Davison & Hinkley 1997, section 3.8, "adjusted" resampling of hierarchical data):
+
+1. Runs are resampled with replacement *within each task order* (orders are a design choice, e.g. rows of a
+   Latin square, not a random draw, so they are strata): a stratum of k runs contributes k draws.
+2. Every draw gets its own fresh resample of the drawn run's test samples (never one reused for a run drawn
+   twice). The resample is *paired*: one resampling of a task's test examples is applied to every row of that
+   task's column, because all rows evaluate the same examples (so a_{T,j} - a_{j,j} keeps its correlation).
+3. The metric is computed on each resampled matrix and averaged over the draws.
+
+Why the adjustment: a run's observed metric m_r already contains its test-sample noise (variance tau^2), so the
+spread of the m_r around their stratum mean estimates sigma_b^2 + tau^2 (sigma_b^2: the seed-to-seed variance).
+Drawing m_r and then adding a fresh within-run resample adds tau^2 a second time: the plain two-stage bootstrap is
+about sqrt(2) too wide when seeds matter little, more when a run drawn twice reuses one inner replicate (the old
+scheme here: about 1.6x, coverage about 100%). So each draw contributes
+``mean_o + lam_o * (m_r - mean_o) + (w - m_r)`` where ``w`` is the draw's within-run replicate and
+``lam_o^2 = max(0, s^2 - tau^2) / s^2 * k_o / (k_o - 1)`` (``s^2``: the pooled within-order variance of the m_r,
+``tau^2``: the mean within-run bootstrap variance, ``k_o / (k_o - 1)`` undoes the bootstrap's shrinkage of a
+k-sample variance). The replicate variance is then max(s^2, tau^2) / K, an unbiased variance of the mean of K runs
+whenever the seeds vary more than test-sample noise explains. With one run per order there is no seed spread to
+estimate and the interval covers the test-sample noise only; with one run it is the plain within-run bootstrap.
+
+Intervals are percentile intervals. Paired differences between two methods use the same machinery on per-run
+differences, with the same resampled test samples for both methods. numpy is used directly: scipy.stats.bootstrap
+resamples one statistic of independent samples and knows neither the pairing across rows nor the two stages.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,17 +41,34 @@ B_DEFAULT = 1000
 LEVEL = 0.95
 
 
-def resampled_matrices(scores: Sequence[np.ndarray], B: int, rng: np.random.Generator) -> np.ndarray:
-    """Bootstrap replicates of R from per-sample scores. ``scores[j]`` is (T+1, n_j) in [0, 1] for column j.
+def check_resamples(B: int) -> None:
+    if B < 1:
+        raise ValueError(f"bad number of bootstrap resamples {B}: use --resamples 1 or more (default {B_DEFAULT})")
 
-    Returns (B, T+1, T) in percent; the same resampled examples are used for every row of a column.
-    """
-    T = len(scores)
-    out = np.empty((B, T + 1, T))
-    for j, s in enumerate(scores):
-        n = s.shape[1]
-        idx = rng.integers(0, n, size=(B, n))  # (B, n)
-        out[:, :, j] = 100.0 * s[:, idx].mean(axis=2).T  # s[:, idx]: (T+1, B, n) -> (B, T+1)
+
+def resample_indices(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """(m, n) indices of the test samples drawn, with replacement, in each of m resamples of size n."""
+    return rng.integers(0, n, size=(m, n), dtype=np.intp)
+
+
+_CHUNK = 1 << 22  # gathered scores per step: bounds the memory at ~32 MB for large test sets
+
+
+def resampled_matrices(
+    R: np.ndarray, scores: Sequence[np.ndarray | None], idx: Sequence[np.ndarray | None]
+) -> np.ndarray:
+    """Resampled accuracy matrices (m, T+1, T) in percent. ``R`` (T+1, T); ``scores[j]`` (T+1, n_j) per-sample
+    scores in [0, 1] of column j (None: no samples, the column stays at R[:, j]); ``idx[j]`` (m, n_j) from
+    ``resample_indices``. The same drawn samples are used for every row of a column (the pairing across rows)."""
+    m = next((ix.shape[0] for ix in idx if ix is not None), 1)
+    out = np.repeat(np.asarray(R, dtype=float)[None], m, axis=0)  # (m, T+1, T)
+    for j, (s, ix) in enumerate(zip(scores, idx, strict=True)):
+        if s is None or ix is None:
+            continue
+        step = max(1, _CHUNK // s.shape[1])
+        for a in range(0, m, step):
+            for i, row in enumerate(s):  # one row at a time: np.take on a 1-D row is ~10x faster than s[:, ix]
+                out[a:a + step, i, j] = 100.0 * np.take(row, ix[a:a + step]).mean(axis=1)  # (c, n) -> (c,)
     return out
 
 
@@ -46,27 +82,51 @@ def percentile_ci(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, 
     return float(lo), float(hi)
 
 
-def hierarchical(replicates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Two-stage bootstrap of the mean over runs.
+def hierarchical(
+    points: np.ndarray, pools: np.ndarray, strata: Sequence, rng: np.random.Generator
+) -> np.ndarray:
+    """Bootstrap replicates (B,) of the mean over runs (scheme in the module docstring).
 
-    ``replicates`` (K, B): each run's within-run replicates (constant rows for a run without per-sample scores).
-    Returns (B,) replicates of the mean over runs: replicate b draws K runs with replacement and averages their
-    b-th within-run replicates. NaN entries (a quantity undefined in that replicate) are skipped.
+    ``points`` (K,): each run's metric (NaN where undefined: that run is left out). ``pools`` (K, B, S): fresh
+    within-run replicates of each run, S >= the largest stratum; replicate b's draw in slot q of its stratum uses
+    ``pools[run, b, q]``, so no inner replicate is used twice. A run without per-sample scores has a constant
+    pool. ``strata`` (K,): each run's task order. NaN replicates (the metric undefined in a resample) are skipped.
     """
-    K, B = replicates.shape
-    pick = rng.integers(0, K, size=(B, K))  # (B, K): runs drawn with replacement for each replicate
-    vals = replicates[pick, np.arange(B)[:, None]]  # (B, K): each drawn run's b-th within-run replicate
+    p = np.asarray(points, dtype=float)
+    K, B, S = pools.shape
+    ok = ~np.isnan(p)
+    if not ok.any():
+        return np.full(B, np.nan)
+    m, W = p[ok], pools[ok]  # (K',), (K', B, S)
+    labels = np.asarray(list(strata), dtype=object)[ok]
+    groups = [np.flatnonzero(labels == g) for g in dict.fromkeys(labels)]
+    if max(len(g) for g in groups) > S:
+        raise ValueError(f"pools hold {S} slots per replicate but a stratum has {max(map(len, groups))} runs")
+    df = sum(len(g) - 1 for g in groups)
+    s2 = sum(float(((m[g] - m[g].mean()) ** 2).sum()) for g in groups) / df if df else 0.0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicate -> NaN, dropped by percentile_ci
-        return np.nanmean(vals, axis=1)  # (B,)
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pools (never defined in a resample)
+        tau2 = float(np.nanmean(np.nanvar(W.reshape(len(m), -1), axis=1)))
+    seed_var = max(0.0, s2 - (0.0 if math.isnan(tau2) else tau2))  # sigma_b^2 estimate
+    total, count = np.zeros(B), np.zeros(B)
+    for g in groups:
+        k, mean_o = len(g), float(m[g].mean())
+        lam = math.sqrt(seed_var / s2 * k / (k - 1)) if k > 1 and s2 > 0 else 0.0
+        run = g[rng.integers(0, k, size=(B, k))]  # (B, k): the runs drawn for each slot
+        w = W[run, np.arange(B)[:, None], np.arange(k)[None, :]]  # (B, k): each draw's own within replicate
+        v = mean_o + lam * (m[run] - mean_o) + (w - m[run])  # (B, k)
+        total += np.nansum(v, axis=1)
+        count += (~np.isnan(v)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)  # (B,)
 
 
-# Scalar metrics over a whole matrix, under a convention; keys are the tidy table's metric names.
-def scalar_metrics(conv: metrics.Conventions) -> dict[str, Callable[[np.ndarray], float]]:
+# Scalar metrics over a whole matrix (or a batch of them), under a convention; keys are the tidy table's names.
+def scalar_metrics(conv: metrics.Conventions) -> dict:
     return {
         "acc": lambda R: metrics.average_accuracy(R, conv.acc),
         "bwt": lambda R: metrics.backward_transfer(R, conv.bwt_divisor),
-        "fwt": metrics.forward_transfer,
+        "fwt": lambda R: metrics.forward_transfer(R, conv.fwt_divisor),
         "forgetting": lambda R: metrics.forgetting(R, conv.forgetting),
         "learning_acc": metrics.learning_accuracy,
         "retention": lambda R: 100.0 * metrics.retention(R),  # shown in percent like the rest
@@ -76,28 +136,20 @@ def scalar_metrics(conv: metrics.Conventions) -> dict[str, Callable[[np.ndarray]
 PER_TASK = ("init", "learned", "final", "bwt", "fwt", "forgetting", "retention")
 
 
-def run_quantities(R: np.ndarray, tasks: Sequence[str], conv: metrics.Conventions) -> dict[tuple[str, str], float]:
-    """Every reported quantity of one matrix: (metric, task) -> value, task ``all`` for the averaged metrics."""
-    out = {(name, "all"): f(R) for name, f in scalar_metrics(conv).items()}
+def quantities(
+    R: np.ndarray, tasks: Sequence[str], conv: metrics.Conventions
+) -> dict[tuple[str, str], np.ndarray]:
+    """Every reported quantity of a batch of matrices (m, T+1, T): (metric, task) -> (m,); task ``all`` for the
+    averaged metrics."""
+    out = {(name, "all"): np.asarray(f(R), dtype=float) for name, f in scalar_metrics(conv).items()}
     pt = metrics.per_task(R, conv.forgetting)
     for name in PER_TASK:
-        vals = pt[name] * (100.0 if name == "retention" else 1.0)
-        for task, v in zip(tasks, vals, strict=True):
-            out[(name, task)] = float(v)
+        vals = pt[name] * (100.0 if name == "retention" else 1.0)  # (m, T)
+        for j, task in enumerate(tasks):
+            out[(name, task)] = vals[..., j]
     return out
 
 
-def run_replicates(
-    R: np.ndarray, scores: Sequence[np.ndarray] | None, tasks: Sequence[str], conv: metrics.Conventions,
-    B: int, rng: np.random.Generator,
-) -> dict[tuple[str, str], np.ndarray]:
-    """(metric, task) -> (B,) within-run bootstrap replicates; constant at the point value without samples."""
-    point = run_quantities(R, tasks, conv)
-    if scores is None:
-        return {k: np.full(B, v) for k, v in point.items()}
-    mats = resampled_matrices(scores, B, rng)  # (B, T+1, T)
-    reps = {k: np.empty(B) for k in point}
-    for b in range(B):
-        for k, v in run_quantities(mats[b], tasks, conv).items():
-            reps[k][b] = v
-    return reps
+def run_quantities(R: np.ndarray, tasks: Sequence[str], conv: metrics.Conventions) -> dict[tuple[str, str], float]:
+    """``quantities`` of one matrix (T+1, T), as floats."""
+    return {k: float(v[0]) for k, v in quantities(np.asarray(R, dtype=float)[None], tasks, conv).items()}

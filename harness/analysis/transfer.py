@@ -20,7 +20,7 @@ import pandas as pd
 from harness.analysis import stats
 from harness.config import RunConfig, to_dict
 from harness.methods import build_method
-from harness.models import load_model
+from harness.models import load_run_model
 from harness.runner import evaluate
 from harness.seeding import derive_seed, set_seed
 from harness.store import atomic_write_json, atomic_write_jsonl, read_json
@@ -60,7 +60,7 @@ def run_transfer(
     for prefix, train_on in [("init", []), *units.items()]:
         if cells_done(prefix):
             continue
-        lm = load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)  # fresh weights for every source
+        lm = load_run_model(cfg)  # fresh weights for every source
         set_seed(derive_seed(cfg.seed, "init"))
         method = build_method(method_name, lm, cfg)
         for stage, name in enumerate(train_on, 1):
@@ -115,19 +115,21 @@ def transfer_table(paths: Sequence[str | Path], B: int = stats.B_DEFAULT, seed: 
                 init, after = _scores(run, "init", target), _scores(run, source, target)
                 ids = sorted(init)
                 diff = np.array([after[i] - init[i] for i in ids])  # (n,) paired per-sample differences
-                idx = rng.integers(0, len(ids), size=(B, len(ids)))  # (B, n)
-                reps = 100.0 * diff[idx].mean(axis=1)  # (B,)
                 groups.setdefault((t["method"], source, target), []).append(
-                    (t["init"][target], t["after"][source][target], reps))
+                    (t["init"][target], t["after"][source][target], diff))
     rows = []
     for (method, source, target), items in groups.items():
         inits = np.array([i[0] for i in items])
         afters = np.array([i[1] for i in items])
-        reps = np.stack([i[2] for i in items])  # (K, B)
-        lo, hi = stats.percentile_ci(stats.hierarchical(reps, rng), level)
+        K = len(items)
+        # (K, B, K): a fresh resample of each run's test samples for every draw of the bootstrap over seeds
+        pools = np.stack([100.0 * d[stats.resample_indices(len(d), B * K, rng)].mean(axis=1).reshape(B, K)
+                          for _, _, d in items])
+        points = np.array([100.0 * d.mean() for _, _, d in items])  # (K,)
+        lo, hi = stats.percentile_ci(stats.hierarchical(points, pools, ["seeds"] * K, rng), level)
         rows.append({"method": method, "source": source, "target": target, "init": inits.mean(),
                      "after": afters.mean(), "delta": float((afters - inits).mean()), "ci_low": lo, "ci_high": hi,
-                     "n_runs": len(items)})
+                     "n_runs": K})
     return pd.DataFrame(rows)
 
 
