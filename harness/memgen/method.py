@@ -41,6 +41,18 @@ Departures from the paper (MemGen, arXiv 2509.24704) and its public code:
 - Row 0 of the matrix (``init``, before any training): the weaver is untrained, so memgen generates without
   insertion, i.e. exactly the frozen reasoner (= vanilla). ``insert_before_training=true`` inserts anyway.
 - In a sequence the same weaver keeps training on each new task (fresh optimiser and schedule per task).
+
+Kept as the paper and its public code do (tested in ``tests/test_memgen_fidelity.py``):
+- Weaver and trigger parameters (LoRA, queries, LayerNorms, scales, projections, trigger head) are fp32 whatever
+  the model dtype and are cast at use (the public code trains under ZeRO-2 with fp32 master weights).
+- Only the weaver's LoRA dropout modules ever enter train mode; the reasoner stays in eval mode (deterministic even
+  with attention dropout) and adapter switches never touch ``requires_grad`` (checked before every backward).
+- Weaver GRPO recomputes log-probs at the rollout temperature with LoRA dropout off, as the rollout sampled.
+- Settable as in the public code: loss aggregation (``grpo_aggregation``/``trigger_aggregation``, ``token`` =
+  bnpo), advantage scaling, the trigger deciding the prompt insertion (``trigger_prompt``), the trigger's random
+  share of the train split (``trigger_train_fraction``), ChatML (``chat_template=chatml``), per-task caps and
+  learning rates from the task definition (``method_defaults.memgen``), and the paper's sparsity rate over every
+  delimiter of a rollout (``trigger_rate=delimiters``, default). Profiles: ``configs/paper/``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ TRIGGER_RATES = ("delimiters", "queried")
 # Options a task definition may set for itself (``method_defaults.memgen`` in its YAML; the public code uses a cap
 # of 3 on GSM8K and 0 on TriviaQA, trigger lr 1e-6 on GSM8K). The rest shape the weaver and must stay fixed over a
 # sequence (one weaver learns every task).
-PER_TASK = ("max_insertions", "sft_insertions", "lr", "grpo_lr", "trigger_lr", "trigger_train_fraction")
+PER_TASK = ("max_insertions", "sft_insertions", "lr", "grpo_lr", "grpo_aggregation", "trigger_lr",
+            "trigger_train_fraction")
 
 
 @dataclass(frozen=True)
@@ -182,3 +183,10 @@ class MemGenOptions:
             raise ValueError(f"memgen option retrieval_k must be >= 0 (0 = off), got {self.retrieval_k}")
         if self.retrieval_max_tokens < 1:
             raise ValueError(f"memgen option retrieval_max_tokens must be >= 1, got {self.retrieval_max_tokens}")
+
+
+def resolved_options(options: dict) -> dict:
+    """Every ``memgen`` option as a run with ``options`` would use it (defaults filled in, validated)."""
+    from harness.config import from_dict, to_dict
+
+    return to_dict(from_dict(MemGenOptions, dict(options), prefix="method_options.memgen.").check())
