@@ -141,7 +141,7 @@ def test_smollm2_self_memory_stores_only_scored_successes(smollm2, tmp_path):
     assert len(m.memory) == stats["solved_any_round"] >= stats["solved_zero_shot"]
     assert stats["attempts"] == 4 + (4 - stats["solved_zero_shot"])
     for r in m.memory.records:  # every stored trajectory is the model's own and passes the task's scorer
-        assert r["source"] == "self" and task.score(r["completion"], by_id[r["id"]]) == 1.0
+        assert r["source"] == "self" and task.score(r["turns"][-1]["content"], by_id[r["id"]]) == 1.0
     assert stats["insight_compare_calls"] == min(1, stats["pairs"])
     assert stats["insight_success_calls"] == min(1, stats["successes"] // 2)  # a set needs two successes
     assert len(stats["insight_replies"]) == stats["insight_calls"] >= stats["insight_parse_failures"]
