@@ -285,7 +285,11 @@ class AWM:
             "gave_up": gave_up,
             "solved_zero_shot": sum(ts[0].score >= o.success_threshold for ts in tries if ts),
             "solved_any_round": sum(any(a.score >= o.success_threshold for a in ts) for ts in tries),
+            "optimizer_steps": 0, "train_tokens": 0, "trainable_params": 0,  # harness.budget keys
             "generated_tokens": self.generated_tokens,
+            "budget_notes": "no weights trained; " + (f"{sum(len(ts) for ts in tries)} attempts" + (
+                " (stopped: no success within give_up_after)" if gave_up else "") if o.store == "self"
+                else "workflows induced from the gold solutions"),
             "workflows_induced": totals["induced"],
             "workflows_merged": totals["merged"],
             **self.memory.stats(),

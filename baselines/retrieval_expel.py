@@ -302,8 +302,13 @@ class ExpeL:
             "solved_any_round": n_success,
             "pairs": len(pairs),
             "successes": len(successes),
+            # harness.budget keys: no weights change; the budget is generation (attempts and insight calls)
+            "optimizer_steps": 0, "train_tokens": 0, "trainable_params": 0,
             "generated_tokens": self.generated_tokens,
             "generated_tokens_attempts": attempt_tokens,
+            "budget_notes": (f"no weights trained; {n_attempts} attempts at {len(examples)} training problems"
+                             + (" (stopped: no success within give_up_after)" if gave_up else "")
+                             + f", {insight_stats.get('insight_calls', 0)} insight calls"),
             "insights": {k: [x["text"] for x in v] for k, v in self.insights.items()},
             **insight_stats,
             **self.memory.stats(),
