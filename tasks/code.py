@@ -9,6 +9,11 @@ Task options (``options:`` in the YAML): ``timeout_s``, ``memory_mb`` (sandbox l
 train/validation/test cut from one Hub split with ``split_seed``: KodCode-Light-RL-10K ships only ``train``, and
 MemGen splits it 70/10/20), ``rename_first_def`` (MemGen's KodCode scorer renames the first ``def`` to the expected
 name when the completion names it differently).
+
+``filter: evalplus`` (instead of ``code``) scores HumanEval/MBPP completions after evalplus's ``sanitize`` (the
+code block, then only the imports and the definitions the entry point reaches), for numbers comparable with
+published EvalPlus ones; put a copy of the task's YAML with that line (and its own ``name``) in
+``$MEMGEN_BENCH_TASKS``.
 """
 
 from __future__ import annotations
@@ -89,6 +94,101 @@ def import_lines(code: str) -> str:
     return "".join(line + "\n" for line in code.splitlines() if re.match(r"^(?:import |from \S+ import )", line))
 
 
+# --- evalplus's sanitiser (pure) -------------------------------------------------------------------------------
+# evalplus.sanitize (v0.3.1, tree-sitter) ported to ``ast`` by hand: the evalplus package pulls in openai,
+# anthropic, google-generativeai and tree-sitter, far too much for one 100-line function. Its quirks are kept so
+# numbers stay comparable: the code is the contiguous run of >= 2 lines that parses with the most non-blank
+# lines; only top-level imports, classes, functions that contain a ``return`` and assignments survive, the first
+# definition of a name wins, decorated definitions are dropped, and with an entry point only the definitions it
+# reaches by name are kept.
+
+
+def code_extract(text: str) -> str:
+    """evalplus's ``code_extract``: the span lines[i..j] (j > i) that parses and holds the most non-blank lines
+    (the first such span; lines[0] when none parses)."""
+    lines = text.split("\n")
+    count = [0]  # count[k]: non-blank lines among lines[:k]
+    for line in lines:
+        count.append(count[-1] + bool(line.strip()))
+    best, best_len = (0, 0), 0
+    for i in range(len(lines)):
+        if count[-1] - count[i] <= best_len:
+            break  # no span starting here can be longer
+        for j in range(len(lines) - 1, i, -1):  # longest first: the first that parses is this start's best
+            if count[j + 1] - count[i] <= best_len:
+                break
+            if _parses("\n".join(lines[i:j + 1])):
+                best, best_len = (i, j), count[j + 1] - count[i]
+                break
+    return "\n".join(lines[best[0]:best[1] + 1])
+
+
+def _identifiers(node: ast.AST) -> set[str]:
+    """Every identifier in a subtree (names, attributes, parameters, keywords): tree-sitter's identifier nodes."""
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.arg):
+            out.add(n.arg)
+        elif isinstance(n, ast.keyword) and n.arg:
+            out.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, ast.alias):
+            out.update(n.name.split(".") + ([n.asname] if n.asname else []))
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            out.update(n.names)
+    return out
+
+
+def sanitize(text: str, entry_point: str | None = None) -> str:
+    """evalplus's ``sanitize``: imports, then the definitions reachable from ``entry_point`` (all of them without
+    one), from the longest parsing span of ``text``; that span itself when nothing survives."""
+    code = code_extract(text)
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return code
+    imports: list[ast.stmt] = []
+    defs: list[tuple[str | None, ast.stmt]] = []
+    seen: set[str | None] = set()
+    for node in tree.body:
+        name: str | None
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(node)
+            continue
+        if isinstance(node, ast.ClassDef) and not node.decorator_list:
+            name = node.name
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.decorator_list:
+            if not any(isinstance(n, ast.Return) for n in ast.walk(node)):
+                continue
+            name = node.name
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            name = target.id if isinstance(target, ast.Name) else None
+        else:
+            continue
+        if name not in seen:
+            seen.add(name)
+            defs.append((name, node))
+    keep: set[str | None] | None = None
+    if entry_point:
+        deps = {n: _identifiers(node) for n, node in defs}
+        keep, todo = {entry_point}, [entry_point]
+        while todo:
+            for dep in deps.get(todo.pop(), ()):
+                if dep not in keep:
+                    keep.add(dep)
+                    todo.append(dep)
+    parts = [ast.get_source_segment(code, n) or "" for n in imports]
+    parts += [ast.get_source_segment(code, n) or "" for name, n in defs if keep is None or name in keep]
+    out = "\n".join(parts).strip()
+    return out if out else code
+
+
 # --- pass@k (pure) --------------------------------------------------------------------------------------------
 
 
@@ -164,16 +264,30 @@ CODE_ADAPTERS: dict[str, Callable[[dict[str, Any], TaskDefinition], Example]] = 
 }
 
 
-def build_program(completion: str, example: Example, rename: bool = False) -> Program:
+CODE_FILTERS = ("code", "evalplus")
+"""``filter:`` of a code task: ``code`` (``extract_code``, completed by the task's context) or ``evalplus``
+(evalplus's ``sanitize``, judged as evalplus judges it: the sanitised code alone)."""
+
+
+def build_program(completion: str, example: Example, rename: bool = False, code_filter: str = "code") -> Program:
     """The sandbox program for a completion: extracted code completed by the task's context (HumanEval's prompt,
-    BigCodeBench's imports) where the completion relies on it."""
+    BigCodeBench's imports) where the completion relies on it; with ``code_filter="evalplus"`` the sanitised code
+    (of the prompt plus a completion that does not define the entry point itself, as evalplus forms it)."""
     meta = example.meta
     entry = meta.get("entry_point", "")
-    code = extract_code(completion, entry)
-    if rename:
-        code = rename_first_def(code, entry)
     kind = meta["kind"]
     prefix = meta.get("prefix", "")
+    if code_filter == "evalplus":
+        text = rename_first_def(completion, entry) if rename else completion
+        if kind == "check" and not defines(text, entry):
+            text = prefix + "\n" + text
+        code = sanitize(text, entry or None)
+        if kind == "check":
+            return Program(solution=code, tests=meta["tests"], kind=kind, entry_point=entry)
+    else:
+        code = extract_code(completion, entry)
+        if rename:
+            code = rename_first_def(code, entry)
     if kind == "check":
         # A whole function overrides the prompt's docstring-only stub; a bare body continues the prompt.
         solution = prefix + "\n" + code if defines(code, entry) else prefix + code
@@ -213,6 +327,9 @@ class CodeTask(DefinedTask):
         if definition.adapter not in CODE_ADAPTERS:
             raise TaskError(f"task {definition.name}: unknown code adapter {definition.adapter!r}; "
                             f"valid: {sorted(CODE_ADAPTERS)}")
+        if definition.filter not in CODE_FILTERS:
+            raise TaskError(f"task {definition.name}: unknown code filter {definition.filter!r}; "
+                            f"valid: {list(CODE_FILTERS)}")
         if definition.metric not in self.METRICS:
             raise TaskError(f"task {definition.name}: unknown code metric {definition.metric!r}; "
                             f"valid: {list(self.METRICS)}")
@@ -257,11 +374,12 @@ class CodeTask(DefinedTask):
         return examples
 
     def extract(self, completion: str) -> str | None:
-        code = extract_code(completion)
+        code = sanitize(completion) if self.definition.filter == "evalplus" else extract_code(completion)
         return code if code.strip() else None
 
     def program(self, completion: str, example: Example) -> Program:
-        return build_program(completion, example, rename=bool(self.options.get("rename_first_def", False)))
+        return build_program(completion, example, rename=bool(self.options.get("rename_first_def", False)),
+                             code_filter=self.definition.filter)
 
     def outcomes(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Outcome]:
         """Run every completion's program (in parallel on the sandbox's worker pool)."""

@@ -17,12 +17,14 @@ from tasks.base import Example, TaskError
 from tasks.code import (
     CodeTask,
     build_program,
+    code_extract,
     defines,
     extract_code,
     mean_pass_at_k,
     pass_at_k,
     rename_first_def,
     resplit,
+    sanitize,
 )
 from tasks.registry import get_task
 
@@ -69,6 +71,95 @@ def test_defines_and_rename_first_def():
     assert rename_first_def("def g(x):\n    return x\ndef h():\n    pass\n", "f") == \
         "def f(x):\n    return x\ndef h():\n    pass\n"
     assert rename_first_def("def f(x): pass\n", "f") == "def f(x): pass\n"
+
+
+# -- evalplus's sanitiser ----------------------------------------------------------------------------------------
+
+CHATTY = """Sure! Here is my solution.
+
+```python
+import math
+from typing import List
+LIMIT = 10
+
+def helper(x):
+    return x * LIMIT
+
+def unrelated(y):
+    return y
+
+def prints_only():
+    print("no return: evalplus drops it")
+
+@staticmethod
+def decorated():
+    return 1
+
+def solve(xs: List[int]) -> int:
+    return sum(helper(x) for x in xs)
+
+def helper(x):
+    return -1
+
+print(solve([1, 2]))
+if __name__ == "__main__":
+    assert solve([]) == 0
+```
+It sums ten times each number."""
+
+
+def test_sanitize_keeps_imports_and_what_the_entry_point_reaches():
+    # hand-derived from evalplus's rules: imports first, then reachable definitions in order (the first helper wins)
+    assert sanitize(CHATTY, "solve") == ("import math\nfrom typing import List\nLIMIT = 10\ndef helper(x):\n"
+                                         "    return x * LIMIT\ndef solve(xs: List[int]) -> int:\n"
+                                         "    return sum(helper(x) for x in xs)")
+    everything = sanitize(CHATTY)  # no entry point: every kept definition, still no top-level statements
+    assert "def unrelated" in everything and "print(solve" not in everything and "decorated" not in everything
+    assert "prints_only" not in everything and everything.count("def helper") == 1
+
+
+def test_code_extract_is_the_longest_parsing_span():
+    text = "Intro line that is prose, not code.\nx = 1\ny = 2\n\nz = x + y\nThe end, said the prose."
+    assert code_extract(text) == "x = 1\ny = 2\n\nz = x + y"
+    assert code_extract("just words here, no code") == "just words here, no code"  # lines[0] when none parses
+    assert sanitize("nothing to keep, (") == "nothing to keep, ("
+
+
+def _evalplus_task(tmp_path, monkeypatch, name: str):
+    """A copy of the shipped task definition with ``filter: evalplus``, picked up through $MEMGEN_BENCH_TASKS."""
+    text = (Path(__file__).resolve().parents[1] / "tasks" / "definitions" / f"{name}.yaml").read_text()
+    (tmp_path / f"{name}_evalplus.yaml").write_text(
+        text.replace(f"name: {name}\n", f"name: {name}_evalplus\n").replace("filter: code", "filter: evalplus"))
+    monkeypatch.setenv("MEMGEN_BENCH_TASKS", str(tmp_path))
+
+
+def test_evalplus_filter_is_selectable_and_judges_the_sanitised_code(tmp_path, monkeypatch, data_dir, sbx):
+    _evalplus_task(tmp_path, monkeypatch, "humaneval")
+    _evalplus_task(tmp_path, monkeypatch, "mbpp")
+    he_plus = with_sandbox(get_task("humaneval_evalplus", data_dir), sbx)
+    he = with_sandbox(get_task("humaneval", data_dir), sbx)
+    examples = he.load("test", limit=12, seed=1)
+    # a chatty answer whose stray top-level demo run crashes: only the sanitised program survives it
+    chatty = [f"Here you go:\n```python\n{e.answer}\nprint({e.meta['entry_point']})\nraise RuntimeError('demo')\n```\n"
+              "Done." for e in examples]
+    assert he_plus.score_many(chatty, examples) == [1.0] * len(examples)
+    assert he.score_many(chatty, examples) == [0.0] * len(examples)
+    # a body-only continuation is sanitised together with the prompt, as evalplus forms it
+    body = examples[0].answer[len(examples[0].meta["prefix"]):]
+    assert he_plus.score(body, examples[0]) == 1.0
+    mb_plus = with_sandbox(get_task("mbpp_evalplus", data_dir), sbx)
+    ex = next(e for e in mb_plus.load("test") if e.id == "mbpp/11")
+    assert mb_plus.score(f"```python\n{ex.answer}\nremove_Occ(None, None)\n```", ex) == 1.0
+    assert mb_plus.extract("```python\nimport os\ndef g():\n    return 1\ng()\n```") == "import os\ndef g():\n    return 1"
+
+
+def test_unknown_code_filter_names_the_valid_ones(tmp_path, monkeypatch):
+    (tmp_path / "bad.yaml").write_text("name: badcode\nversion: 1\ndomain: code\nprompt: '{question}'\n"
+                                       "filter: sanitise\nmetric: pass\nadapter: mbpp\n"
+                                       "implementation: 'tasks.code:CodeTask'\n")
+    monkeypatch.setenv("MEMGEN_BENCH_TASKS", str(tmp_path))
+    with pytest.raises(TaskError, match=r"unknown code filter 'sanitise'; valid: \['code', 'evalplus'\]"):
+        get_task("badcode")
 
 
 # -- pass@k ------------------------------------------------------------------------------------------------------
@@ -165,6 +256,22 @@ def test_kodcode_loader_split_and_scoring(tmp_path, sbx):
     out = task.outcomes([wrong], [ex])[0]
     assert (out.status, out.passed, out.total) == ("failed", 0, 3)
     assert task.score(wrong, ex) == 0.0
+
+
+def test_kodcode_tests_with_fixtures_and_xfail_run_under_pytest(tmp_path, sbx):
+    row = dict(KODCODE_ROWS[0], question_id="Leetcode_fx", test=(
+        "import pytest\nfrom solution import add_0\n\n@pytest.fixture\ndef pair():\n    return (2, 3)\n\n"
+        "def test_fixture(pair):\n    assert add_0(*pair) == 5\n\n"
+        "def test_file(tmp_path, capsys):\n    (tmp_path / 'n').write_text(str(add_0(1, 1)))\n    print('ok')\n"
+        "    assert (tmp_path / 'n').read_text() == '2' and capsys.readouterr().out == 'ok\\n'\n\n"
+        "@pytest.mark.xfail(reason='strings are not numbers')\ndef test_strings():\n    assert add_0('a', 'b') == 3\n"))
+    write_jsonl(tmp_path / "kodcode" / "train.jsonl", [row] * 10)
+    task = with_sandbox(get_task("kodcode", tmp_path), sbx)
+    ex = task.load("test")[0]
+    out = task.outcomes([ex.target], [ex])[0]
+    assert (out.status, out.passed, out.total) == ("passed", 3, 3), out.failures  # the xfailed test counts
+    bad = task.outcomes(["```python\ndef add_0(a, b):\n    return a * b\n```"], [ex])[0]
+    assert (bad.passed, bad.total) == (1, 3) and task.pass_fraction("```python\ndef add_0(a, b):\n    return a * b\n```", ex) == pytest.approx(1 / 3)
 
 
 def test_bigcodebench_loader_and_scoring(tmp_path, sbx):
