@@ -1,11 +1,18 @@
 """SFT: supervised fine-tuning of the reasoner on each task's gold targets, one task after another.
 
 Departures from the paper's SFT baseline (MemGen, arXiv 2509.24704, Sec. 5):
-- LoRA (peft, r=16, alpha=32 on the attention projections) by default instead of full fine-tuning; full
-  fine-tuning with ``train.lora=false``.
+- LoRA (peft, r=16, alpha=32 on the attention projections) by default instead of full fine-tuning. Attention-only
+  LoRA learns and forgets less than the paper's full SFT: ``train.lora_targets=all-linear`` adds the MLP
+  projections (every linear layer but the head), ``train.lora=false`` fine-tunes the whole model (then lower
+  ``train.lr``, e.g. 1e-5).
 - One LoRA adapter is trained on through the whole sequence (that is what continual SFT means); a fresh
   optimizer and schedule per task, seeded from (master seed, stage) so a resumed run repeats exactly.
-- Loss on target tokens only (prompt masked), via ``transformers.Trainer``.
+- Loss on target tokens only (prompt masked), via ``transformers.Trainer``. Rows keep at least prompt + the task's
+  generation budget + EOS whatever ``train.max_length`` says (code targets were cut before); targets longer than
+  that are cut and counted in ``truncated_targets``.
+- Budget (``harness/budget.py``): distinct targets seen (exact: the Trainer's sampler draws passes without
+  replacement), optimizer steps, non-padding tokens through the forward (``num_input_tokens_seen``), trainable
+  parameters.
 - Under ``accelerate launch`` the Trainer runs DDP: ``train.batch_size`` is the global batch, split over the
   processes; each process's loss is its own token mean, so the averaged gradient differs slightly from the
   single-process token mean when the processes' target lengths differ. Verified with 2 gloo processes on CPU
@@ -24,6 +31,7 @@ from typing import Any
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
+from harness.budget import distinct_draws, trainable_parameters
 from harness.config import RunConfig
 from harness.distributed import check_in_sync
 from harness.generation import generate_greedy
@@ -56,16 +64,20 @@ class SFT:
     def train_on_task(self, task: Task, examples: Sequence[Example], stage: int) -> dict[str, Any]:
         seed = derive_seed(self.cfg.seed, "train", stage)
         set_seed(seed)
+        t = self.cfg.train
         rows = [
-            tokenize_prompt_target(self.tokenizer, task.prompt(e, self.tokenizer), e.target, self.cfg.train.max_length)
+            tokenize_prompt_target(self.tokenizer, task.prompt(e, self.tokenizer), e.target, t.max_length,
+                                   target_budget=task.max_new_tokens)
             for e in examples
         ]
-        steps = steps_for(self.cfg.train, len(rows))
+        full = [len(self.tokenizer(e.target, add_special_tokens=False).input_ids) + 1 for e in examples]
+        truncated = sum(len(r["input_ids"]) - r["prompt_len"] < n for r, n in zip(rows, full, strict=True))
+        steps = steps_for(t, len(rows))
         shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: the Trainer's optimizer must see the shards
         guard = LossGuard(f"sft on {task.name}", getattr(self, "on_step", None))
         trainer = Trainer(
             model=self.model,
-            args=training_arguments(self.cfg, seed, steps),
+            args=training_arguments(self.cfg, seed, steps, include_num_input_tokens_seen="non_padding"),
             train_dataset=rows,
             data_collator=lambda b: pad_right(b, self.tokenizer.pad_token_id),
             callbacks=[guard],
@@ -79,7 +91,11 @@ class SFT:
         gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         self.model.eval()
         check_in_sync([p for p in self.model.parameters() if p.requires_grad], f"sft on {task.name}")
-        return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": guard.losses}
+        draws = trainer.state.global_step * t.batch_size * t.grad_accum  # batch_size is the global batch
+        return {"steps": steps, "seconds": time.perf_counter() - t0, "losses": guard.losses,
+                "truncated_targets": truncated, "examples_seen": distinct_draws(len(rows), draws),
+                "optimizer_steps": trainer.state.global_step, "train_tokens": int(trainer.state.num_input_tokens_seen),
+                "generated_tokens": 0, "trainable_params": trainable_parameters(self.model.parameters())}
 
     def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
         prompts = [task.prompt(e, self.tokenizer) for e in examples]

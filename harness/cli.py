@@ -327,7 +327,17 @@ def report(
             for path in a.skipped:
                 console.print(f"[yellow]left out unfinished run[/] {path}")
         else:
-            print(render(summary_table(dirs), format, caption="Continual-learning metrics (percent)"))
+            print(render(summary_table(dirs, conventions), format,
+                         caption=f"Continual-learning metrics (percent, {conventions} conventions)"))
+        # the budget each row was given (harness/analysis/budget.py): per run, or with --ci the mean per method
+        from harness.analysis.budget import budget_table, render_budget, write_budget
+
+        budget = budget_table(dirs, aggregate=ci)
+        if format in ("md", "latex"):  # csv and json stay one machine-readable table on stdout
+            print(f"\nTraining budget ({'mean per method over runs' if ci else 'per run'}):")
+            print(render_budget(budget, format))
+        if out is not None:
+            console.print(f"wrote {write_budget(budget, out)}")
         if matrices:
             for run in find_runs(dirs):
                 print(f"\n{run}")

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from harness import metrics
+from harness.budget import StageMeter, read_stage_budgets, run_budget, stage_budget
 from harness.config import ConfigError, RunConfig, to_dict
 from harness.distributed import barrier, is_main, map_sharded
 from harness.methods import Method, build_method
@@ -114,7 +115,8 @@ def write_matrix_files(run_dir: Path, task_names: Sequence[str], extra: dict[str
 
     atomic_write_text(run_dir / "matrix.csv", df.to_csv(float_format="%.4f"))
     complete = all(v is not None for row in R for v in row)
-    summary: dict[str, Any] = {"complete": complete, "tasks": list(task_names), "matrix": R, **(extra or {})}
+    summary: dict[str, Any] = {"complete": complete, "tasks": list(task_names), "matrix": R, **(extra or {}),
+                               "budget": run_budget(read_stage_budgets(run_dir))}  # harness/budget.py
     if complete:
         summary.update(metrics.summarize(R))
     atomic_write_json(run_dir / "summary.json", summary)
@@ -203,7 +205,9 @@ def run_method(
                                    "phase": phase})
             except AttributeError:
                 pass
-            stats = method.train_on_task(task, train, stage)
+            with StageMeter(cfg.device) as meter:  # wall time and peak memory, measured alike for every method
+                stats = method.train_on_task(task, train, stage)
+            stats = {**stats, "budget": stage_budget(stats, meter.result(), trains)}
             if main:
                 ckpt, commit = atomic_dir(run_dir / "checkpoints" / f"stage{stage}")
                 method.save(ckpt)
