@@ -304,24 +304,32 @@ def report(
                                     "incremental."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples."),
     table: str = typer.Option("main", help="With --ci: main, final, retention, forgetting, bwt, fwt, learned."),
+    compare: list[str] = typer.Option(None, "--compare", help="METHOD_A:METHOD_B (repeatable; implies --ci): the "
+                                      "paired difference A - B of every metric with its 95% CI."),
 ) -> None:
     """One row per method with ACC, BWT, FWT, forgetting and retention (per run, or with --ci over runs)."""
     from harness.report import analysis_report, find_runs, matrix_table, render, summary_table
 
     if format not in ("csv", "latex", "md", "json"):
         _fail(ValueError(f"unknown format {format!r}; use csv, latex, md or json"))
+    if resamples < 1:
+        _fail(ValueError(f"bad --resamples {resamples}: use 1 or more (default 1000)"))
     try:
-        if ci or plots or out is not None or format == "json":
+        if ci or plots or out is not None or format == "json" or compare:
             from harness.analysis import tables
 
             target = out if out is not None else (dirs[0] / "report" if plots else None)
-            a, written = analysis_report(dirs, target, conventions, resamples, plots)
+            a, written = analysis_report(dirs, target, conventions, resamples, plots, compare=compare or ())
             if format == "json":
                 print(json.dumps(tables.to_json(a), indent=2))
             elif format == "csv":
                 print(tables.to_csv(a))
             else:
                 print(tables.to_latex(a, table) if format == "latex" else tables.to_markdown(a, table))
+            if compare and format in ("md", "latex"):
+                pairs = tables.parse_compare(compare, a.methods)
+                print(f"\nPaired differences (first minus second). {tables.compare_note(a)}\n")
+                print(tables.compare_table(a, pairs))
             for path in written:
                 console.print(f"wrote {path}")
             for path in a.skipped:

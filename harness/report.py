@@ -32,12 +32,19 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return runs
 
 
-def summary_table(paths: Sequence[str | Path]) -> pd.DataFrame:
+def summary_table(paths: Sequence[str | Path], conventions: str = "gem") -> pd.DataFrame:
+    """One row per run; the metrics are recomputed from the stored matrix under ``conventions`` (summary.json
+    holds the default ones)."""
+    from harness import metrics
+
+    conv = metrics.conventions(conventions)
     rows = []
     for run in find_runs(paths):
         s = read_json(run / "summary.json")
         row = {"method": s.get("method", run.name), "model": s.get("model"), "seed": s.get("seed"),
                "tasks": "->".join(s.get("tasks", [])), "complete": s.get("complete", False)}
+        if s.get("complete") and s.get("matrix") is not None:
+            s = {**s, **metrics.summarize_with(s["matrix"], conv)}
         for key, col in COLUMNS.items():
             row[col] = s.get(key)
         rows.append(row)
@@ -49,7 +56,7 @@ def matrix_table(run: Path) -> pd.DataFrame:
 
 
 def render(df: pd.DataFrame, fmt: str, caption: str | None = None) -> str:
-    num = df.select_dtypes("number").columns
+    num = df.select_dtypes("floating").columns  # integers (the seed) are printed as integers, not 0.00
     shown = df.copy()
     shown[num] = shown[num].astype(float).round(2)
     if fmt == "csv":
@@ -66,11 +73,12 @@ TABLES = ("main", "final", "retention", "forgetting")
 
 def analysis_report(
     paths: Sequence[str | Path], out: Path | None = None, conventions: str = "gem", resamples: int = 1000,
-    plots: bool = False, seed: int = 0,
+    plots: bool = False, seed: int = 0, compare: Sequence[str] = (),
 ) -> tuple[Any, list[Path]]:
     """Mean +- 95% bootstrap CI over every run under ``paths`` (methods x orders x seeds). With ``out``, writes
-    ``cl_tidy.csv`` (one row per method x metric x task), ``cl_tables.md``, ``cl_tables.tex``, ``cl_analysis.json``
-    and, with ``plots``, PNG+PDF figures under ``out/plots``. Returns the Analysis and the files written."""
+    ``cl_tidy.csv`` (one row per method x metric x task), ``cl_tables.md``, ``cl_tables.tex``, ``cl_analysis.json``,
+    with ``compare`` (``["memgen:sft", ...]``) the paired differences ``cl_compare.csv`` / ``cl_compare.md``, and,
+    with ``plots``, PNG+PDF figures under ``out/plots``. Returns the Analysis and the files written."""
     from harness.analysis import tables
     from harness.analysis.runs import load_runs
     from harness.store import atomic_write_json, atomic_write_text
@@ -78,6 +86,9 @@ def analysis_report(
     skipped: list[Path] = []
     a = tables.analyze(load_runs(list(paths), skipped), conventions, B=resamples, seed=seed)
     a.skipped = skipped
+    pairs = tables.parse_compare(compare, a.methods)
+    for m1, m2 in pairs:
+        tables.paired_difference(a, m1, m2)  # computed (and cached on the Analysis) before anything is written
     written: list[Path] = []
     if out is None:
         return a, written
@@ -94,6 +105,10 @@ def analysis_report(
         md.append(f"## R: {method}, {' -> '.join(tasks)} (mean over seeds)\n\n{df.to_markdown()}\n")
     files = {"cl_tidy.csv": tables.to_csv(a), "cl_tables.md": "\n".join(md),
              "cl_tables.tex": "\n".join(tables.to_latex(a, kind) for kind in TABLES)}
+    if pairs:
+        files["cl_compare.csv"] = tables.compare_table(a, pairs, "csv")
+        files["cl_compare.md"] = (f"# Paired differences (first method minus second)\n\n{tables.compare_note(a)}\n\n"
+                                  f"{tables.compare_table(a, pairs)}\n")
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         atomic_write_text(out / name, text)

@@ -63,6 +63,22 @@ class SweepSpec:
     """Master seeds."""
 
 
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    """``"0,1,2"`` or ``[0, 1, 2]`` -> (0, 1, 2); a one-line error names anything that is not an integer."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list | tuple) else [value]
+    out = []
+    for s in items:
+        try:
+            if isinstance(s, bool) or isinstance(s, float) and not s.is_integer():
+                raise ValueError
+            out.append(int(str(s).strip()) if isinstance(s, str) else int(s))
+        except (TypeError, ValueError):
+            raise ConfigError(f"bad seed {s!r} in seeds {value!r}: use comma-separated integers, e.g. 0,1,2") from None
+    if not out:
+        raise ConfigError(f"no seeds in {value!r}: use comma-separated integers, e.g. 0,1,2")
+    return tuple(out)
+
+
 def load_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
     data: dict[str, Any] = {}
     if path is not None:
@@ -78,10 +94,8 @@ def load_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
         raise ConfigError(f"unknown sweep key(s) {unknown}; valid: {sorted(SweepSpec.__dataclass_fields__)}")
     if isinstance(data.get("methods"), str):
         data["methods"] = data["methods"].split(",")
-    if isinstance(data.get("seeds"), str):
-        data["seeds"] = [int(s) for s in data["seeds"].split(",")]
     spec = SweepSpec(**{**data, "methods": tuple(data.get("methods", SweepSpec.methods)),
-                        "seeds": tuple(int(s) for s in data.get("seeds", SweepSpec.seeds))})
+                        "seeds": parse_seeds(data.get("seeds", SweepSpec.seeds))})
     check_methods(spec.methods)
     for key in ("sequence", "methods", "seed", "out"):
         if key in spec.base:

@@ -55,7 +55,10 @@ def test_paired_bootstrap_keeps_rows_of_a_column_together():
 def test_percentile_ci_and_hierarchical_by_hand():
     assert stats.percentile_ci(np.full(100, 3.0)) == (3.0, 3.0)
     lo, hi = stats.percentile_ci(np.arange(1001.0))
-    assert (lo, hi) == pytest.approx((25.0, 975.0))
+    # mid-CDF of value i is (i + 0.5) / 1001: the 2.5% point is 0.025 * 1001 - 0.5 = 24.525
+    assert (lo, hi) == pytest.approx((24.525, 975.475))
+    # a lattice (one cell): 0 and 1 with mid-CDF 0.25 and 0.75; the 2.5% point clamps to 0, 50% sits halfway
+    assert stats.percentile_ci(np.array([0.0, 1.0]), level=0.0) == pytest.approx((0.5, 0.5))
     assert np.isnan(stats.percentile_ci(np.full(5, np.nan))[0])
     B = 20000
     # one run: the hierarchical bootstrap is that run's own within-run replicates

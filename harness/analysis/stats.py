@@ -22,7 +22,7 @@ k-sample variance). The replicate variance is then max(s^2, tau^2) / K, an unbia
 whenever the seeds vary more than test-sample noise explains. With one run per order there is no seed spread to
 estimate and the interval covers the test-sample noise only; with one run it is the plain within-run bootstrap.
 
-Intervals are percentile intervals. Paired differences between two methods use the same machinery on per-run
+Intervals are percentile intervals (of the mid-distribution, see ``percentile_ci``). Paired differences between two methods use the same machinery on per-run
 differences, with the same resampled test samples for both methods. numpy is used directly: scipy.stats.bootstrap
 resamples one statistic of independent samples and knows neither the pairing across rows nor the two stages.
 """
@@ -73,12 +73,19 @@ def resampled_matrices(
 
 
 def percentile_ci(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """Percentile interval of a (B,) array, ignoring NaN replicates; (nan, nan) if all are NaN."""
+    """Percentile interval of a (B,) array, ignoring NaN replicates; (nan, nan) if all are NaN.
+
+    Quantiles of the mid-distribution (Parzen 2004: each distinct value at the middle of its CDF step, linear in
+    between) rather than of the raw replicates: one cell of n samples has replicates on a lattice of step 100/n, and
+    plain percentiles land on lattice points, widening the interval by up to a step (12% over Wilson's at n = 32).
+    For replicates without ties this is the usual percentile (the "hazen" plotting position)."""
     r = np.asarray(replicates, dtype=float)
     r = r[~np.isnan(r)]
     if r.size == 0:
         return float("nan"), float("nan")
-    lo, hi = np.percentile(r, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    v, c = np.unique(r, return_counts=True)  # sorted distinct values and their counts
+    mid = (np.cumsum(c) - c / 2) / r.size  # (len(v),) mid-CDF at each value
+    lo, hi = np.interp([(1 - level) / 2, (1 + level) / 2], mid, v)
     return float(lo), float(hi)
 
 

@@ -215,6 +215,14 @@ def compare_tidy(an: Analysis, pairs: Sequence[tuple[str, str]]) -> pd.DataFrame
     return pd.concat([paired_difference(an, a, b) for a, b in pairs], ignore_index=True)
 
 
+def compare_note(an: Analysis) -> str:
+    return (f"Mean over the (task order, seed) runs both methods share of the per-run difference, with the "
+            f"{int(an.level * 100)}% bootstrap CI ({an.B} resamples: shared runs within each task order, the same "
+            f"resampled test samples for both methods within each drawn run). Conventions: BWT divisor "
+            f"{an.conventions.bwt_divisor}, FWT divisor {an.conventions.fwt_divisor}, forgetting "
+            f"{an.conventions.forgetting}, ACC {an.conventions.acc}.")
+
+
 def compare_table(an: Analysis, pairs: Sequence[tuple[str, str]], fmt: str = "md") -> str:
     """The averaged metrics of each comparison: difference, 95% CI, pairs of runs, and whether the CI excludes 0."""
     df = compare_tidy(an, pairs)
