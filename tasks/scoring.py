@@ -207,19 +207,24 @@ def _boxed_letter(text: str, letters: str) -> str | None:
 _STATEMENT = re.compile(
     r"(?:\banswer\b|\b(?:correct|right|best|final)\s+(?:option|choice)\b)[*_\s]*"
     r"(?:is|would\s+be|will\s+be|should\s+be|:|=)[*_\s:]*(?:option\s+|choice\s+)?"
-    r"(\(\s*[A-Za-z]\s*\)|\[\s*[A-Za-z]\s*\]|\$?\\boxed\{\s*[A-Za-z]\s*\}\$?|[A-Za-z](?![\w'=]))",
+    r"(\(\s*[A-Za-z]\s*\)|\[\s*[A-Za-z]\s*\]|\$?\\boxed\{\s*[A-Za-z]\s*\}\$?|[\"'“‘`]\s*[A-Za-z]\s*[\"'”’`]"
+    r"|[A-Za-z](?![\w'=])"
+    # the option's text and then its letter, closing the sentence: "The correct answer is: Eagle (C)."
+    r"|[^\n()]{1,80}?\(\s*[A-Za-z]\s*\)(?=[ \t]*[.!]?[ \t]*(?:\n|$)))",
     flags=re.IGNORECASE,
 )
 
 
 def _stated_letter(text: str, letters: str) -> str | None:
-    """The letter of the last 'answer is X' / 'Answer: X' / 'the correct option is (X)' statement. A lower-case
-    bare letter counts only when nothing follows it on its line ('the answer is a prime' holds an article);
-    'X = ...' and 'X or Y' are no answers."""
+    """The letter of the last 'answer is X' / 'Answer: "X"' / 'the correct option is (X)' / 'the answer is: <option
+    text> (X).' statement. A lower-case bare letter counts only when nothing follows it on its line ('the answer is
+    a prime' holds an article); 'X = ...' and 'X or Y' are no answers."""
     found = None
     for m in _STATEMENT.finditer(text):
         raw, rest = m.group(1), text[m.end():]
-        letter = raw.replace("boxed", "").strip("()[]{}$\\ ").upper()
+        if raw.endswith(")"):  # "(C)" or "Eagle (C)"
+            raw = raw[raw.rindex("(") :]
+        letter = re.sub(r"boxed|[^A-Za-z]", "", raw).upper()
         if letter not in letters or re.match(r"\s*=", rest) or _HEDGE.match(rest):
             continue
         if len(raw) == 1 and raw.islower() and not re.match(r"[ \t]*[.!)]?[ \t]*(?:\n|$)", rest):
@@ -341,6 +346,8 @@ def cut_at_stops(text: str, until: Sequence[str]) -> str:
 METRICS: dict[str, Callable[[str | None, str], bool]] = {
     "numeric": numeric_equal,
     "math": math_equal,
+    # The MemGen public code's GSM8K rule: MATH-style string normalisation only (no numeric or symbolic equivalence).
+    "math_string": lambda p, g: p is not None and normalize_math_answer(p) == normalize_math_answer(g),
     "exact": lambda p, g: normalize_text(p) == normalize_text(g),
     "choice": lambda p, g: p is not None and p.strip().upper() == g.strip().upper(),
 }

@@ -97,6 +97,8 @@ def test_normalize_math_answer_idempotent():
         ("The answer is A because the others are wrong.", "A", "answer_statement"),
         ("Answer: B, since 21 is odd.", "B", "answer_statement"),
         ("answer: B\nWait, no.\nAnswer: D", "D", "answer_statement"),  # the last statement counts
+        ('The answer is: "D"', "D", "answer_statement"),  # SmolLM2 on `choice`
+        ("The correct answer is: Eagle (C).", "C", "answer_statement"),  # the option's text, then its letter
         ("E", "E", "bare_letter"),
         ("(C)", "C", "bare_letter"),
         ("  c.  ", "C", "bare_letter"),
@@ -108,7 +110,11 @@ def test_normalize_math_answer_idempotent():
         ("the answer is a prime number", None, None),  # the article, not option A
         ("I think it's C because", None, None),  # no statement
         ("A) 21 is right", None, None),
+        ("Mexico (A)\nrocket (B)\nGuava (C)", None, None),  # SmolLM2 on `choice`: echoed options
+        ("A. France (C)\nB. England (D)", None, None),
+        ("The answer is: lemon", None, None),
         ("The answer is A or B", None, None),  # hedges are no answer (else an RL policy learns to list letters)
+        ("The answer is: the eagle (C) or the hawk (D).", None, None),
         ("Answer: A/B", None, None),
         (r"\boxed{A, B}", None, None),
         ("The answer is 42.", None, None),
