@@ -1,7 +1,9 @@
 """Seconds per step of our REINFORCE++ vs TRL's GRPOTrainer, interleaved step by step, plus both reward curves.
 
-Both methods train their own copy of the same model on the same task with the same group size, prompts per step
-and completion budget. The REINFORCE++ step runs inside a callback at the end of every TRL step, so the two are
+Both methods train their own copy of the same model on the same task with the same number of generations per step
+and completion budget: GRPO samples ``--group`` completions of each of ``--prompts`` prompts, REINFORCE++ (its
+default since issue 16, as OpenRLHF runs it) ``--rpp-samples`` (1) of each of group x prompts / rpp-samples
+prompts; the KL (``rl.kl_coef``, ``--kl-coef``) is the same for both (0 by default). The REINFORCE++ step runs inside a callback at the end of every TRL step, so the two are
 timed under the same machine load (this machine is shared and noisy) and the ratio comes from one run.
 
 What one step contains: TRL GRPO (beta = 0) samples the group, scores it and does one forward/backward; our
@@ -9,7 +11,8 @@ REINFORCE++ samples, scores, does a no-grad forward for the old log-probs, one f
 ``--kl-coef 0``) and one forward/backward. Completions stop at EOS, so lengths differ: the mean lengths are printed
 beside the times, and seconds per generated token too.
 
-    python benchmarks/bench_rl.py --steps 16 --group 8 --lr 5e-4 --out runs/bench_rl.json
+    python benchmarks/bench_rl.py --task choice --steps 30 --group 8 --prompts 1 --lr 5e-4 \
+        --out results/benchmarks/rl_choice_30steps_1x8.json
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from transformers import TrainerCallback
 
 from baselines.grpo import GRPO
 from baselines.reinforce_pp import ReinforcePP, prompt_batches
-from harness.config import RunConfig, TrainConfig
+from harness.config import RLConfig, RunConfig, TrainConfig
 from harness.models import load_model
 from harness.seeding import derive_seed
 from tasks.registry import get_task
@@ -121,7 +124,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1, help="prompts per step")
     ap.add_argument("--max-completion", type=int, default=0, help="0 = the task's budget")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.01, help="REINFORCE++ KL coefficient (GRPO runs beta 0)")
+    ap.add_argument("--rpp-samples", type=int, default=1, help="REINFORCE++ samples per prompt (its prompts per "
+                    "step: group x prompts / rpp-samples, the same generations per step as GRPO)")
+    ap.add_argument("--kl-coef", type=float, default=0.0, help="rl.kl_coef for both methods")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memgen", action="store_true", help="also time MemGen weaver GRPO (untrained weaver)")
@@ -131,13 +136,17 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     task = get_task(a.task)
     budget = a.max_completion or task.max_new_tokens
-    cfg = RunConfig(model=a.model, seed=a.seed,
+    n_gen = a.group * a.prompts  # generations per step, the same for both
+    if n_gen % a.rpp_samples:
+        ap.error(f"--rpp-samples {a.rpp_samples} must divide group x prompts = {n_gen}")
+    rpp_prompts = n_gen // a.rpp_samples
+    cfg = RunConfig(model=a.model, seed=a.seed, rl=RLConfig(kl_coef=a.kl_coef),
                     train=TrainConfig(max_steps=a.steps, lr=a.lr, warmup_ratio=0.0, scheduler="constant"))
-    examples = task.load("train", limit=max(64, a.steps * a.prompts), seed=a.seed)
+    examples = task.load("train", limit=max(64, a.steps * max(a.prompts, rpp_prompts)), seed=a.seed)
     grpo = GRPO(load_model(a.model), cfg, {"num_generations": a.group, "prompts_per_step": a.prompts,
                                            "max_completion_length": budget})
-    rpp = ReinforcePP(load_model(a.model), cfg, {"samples_per_prompt": a.group, "prompts_per_step": a.prompts,
-                                                 "max_completion_length": budget, "kl_coef": a.kl_coef})
+    rpp = ReinforcePP(load_model(a.model), cfg, {"samples_per_prompt": a.rpp_samples, "prompts_per_step": rpp_prompts,
+                                                 "max_completion_length": budget})
     memgen = None
     if a.memgen:
         from harness.memgen.generation import delimiter_mask
@@ -165,8 +174,9 @@ def main() -> None:
     # of steps 2.. so it does not dominate
     g_mean, r_mean = statistics.fmean(g_sec[1:]), statistics.fmean(r_sec[1:])
     n_tok = a.group * a.prompts
-    print(f"\nmodel {a.model}, task {a.task}, group {a.group} x {a.prompts} prompt(s), budget {budget} tokens, "
-          f"{a.steps} steps, lr {a.lr}, threads {torch.get_num_threads()}")
+    print(f"\nmodel {a.model}, task {a.task}, GRPO {a.prompts} prompt(s) x {a.group}, REINFORCE++ {rpp_prompts} "
+          f"prompt(s) x {a.rpp_samples}, budget {budget} tokens, {a.steps} steps, lr {a.lr}, rl.kl_coef {a.kl_coef}, "
+          f"threads {torch.get_num_threads()}")
     print(f"TRL GRPOTrainer : {g_mean:6.2f} s/step (median {statistics.median(g_sec):.2f}), mean length "
           f"{g_len:.1f}, {g_mean / (g_len * n_tok):.4f} s per generated token")
     print(f"our REINFORCE++ : {r_mean:6.2f} s/step (median {statistics.median(r_sec):.2f}), mean length "
@@ -185,6 +195,12 @@ def main() -> None:
     gh, rh = halves(g_rew), halves(r_rew)
     print(f"mean reward, first half -> second half: GRPO {gh[0]:.3f} -> {gh[1]:.3f}; "
           f"REINFORCE++ {rh[0]:.3f} -> {rh[1]:.3f}")
+    thirds = [(i * len(g_rew) // 3, (i + 1) * len(g_rew) // 3) for i in range(3)]
+    print("mean reward by thirds of the steps: GRPO " + " / ".join(f"{statistics.fmean(g_rew[i:j]):.3f}" for i, j in
+                                                                   thirds)
+          + "; REINFORCE++ " + " / ".join(f"{statistics.fmean(r_rew[i:j]):.3f}" for i, j in thirds))
+    print(f"REINFORCE++ steps whitened (rewards not all tied): {sum(s['whitened'] for s in hook.rpp_stats):.0f} of "
+          f"{len(hook.rpp_stats)}")
     print("GRPO rewards       :", " ".join(f"{x:.2f}" for x in g_rew))
     print("REINFORCE++ rewards:", " ".join(f"{x:.2f}" for x in r_rew))
     if a.out:
@@ -195,8 +211,8 @@ def main() -> None:
                                      "memgen_seconds": hook.mg_seconds, "memgen_stats": hook.mg_stats}, indent=1))
         plot_rewards({"TRL GRPO": g_rew, "REINFORCE++": r_rew, "MemGen weaver GRPO": [s["reward"] for s in
                                                                                      hook.mg_stats]},
-                     a.out.with_suffix(".png"), f"{a.model} on {a.task}: group {a.group} x {a.prompts} prompts, "
-                     f"lr {a.lr}")
+                     a.out.with_suffix(".png"), f"{a.model} on {a.task}: {n_gen} generations per step (GRPO "
+                     f"{a.prompts} x {a.group}, REINFORCE++ {rpp_prompts} x {a.rpp_samples}), lr {a.lr}")
 
 
 if __name__ == "__main__":
