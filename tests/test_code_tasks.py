@@ -31,7 +31,8 @@ from tasks.registry import get_task
 
 @pytest.fixture(scope="module")
 def sbx():
-    with Sandbox(SandboxLimits(timeout_s=10, memory_mb=1024), workers=2) as sb:
+    # 30 s of wall clock: mbpp/123 needs about 5 s of CPU, twice that on a busy 2-core machine.
+    with Sandbox(SandboxLimits(timeout_s=30, memory_mb=1024), workers=2) as sb:
         yield sb
 
 
