@@ -340,11 +340,13 @@ def report(
         # the budget each row was given (harness/analysis/budget.py): per run, or with --ci the mean per method
         from harness.analysis.budget import budget_table, render_budget, write_budget
 
-        budget = budget_table(dirs, aggregate=ci)
-        if format in ("md", "latex"):  # csv and json stay one machine-readable table on stdout
+        # a folder holding only a report (cl_analysis.json, no run directories) has no budgets to show
+        budget = budget_table(dirs, aggregate=ci) if any(next(Path(d).rglob("summary.json"), None) for d in dirs) \
+            else None
+        if budget is not None and format in ("md", "latex"):  # csv and json stay one machine-readable table
             print(f"\nTraining budget ({'mean per method over runs' if ci else 'per run'}):")
             print(render_budget(budget, format))
-        if out is not None:
+        if budget is not None and out is not None:
             console.print(f"wrote {write_budget(budget, out)}")
         if matrices:
             for run in find_runs(dirs):

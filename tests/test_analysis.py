@@ -111,6 +111,23 @@ def test_analyze_over_orders_and_seeds(tmp_path):
     assert set(a.mean_matrices) == {("sft", "a->b"), ("sft", "b->a")}
 
 
+def test_report_json_is_a_run_source_without_samples(tmp_path):
+    from harness.report import analysis_report
+
+    for seed in (0, 1):
+        make_run(tmp_path / "runs" / f"s{seed}" / "sft", "sft", ["a", "b"],
+                 {"a": rows(0, 0.8, 0.4 + 0.2 * seed), "b": rows(0, 0, 0.9)}, seed=seed)
+    analysis_report([tmp_path / "runs"], tmp_path / "rep", resamples=50)
+    runs = load_runs([tmp_path / "rep"])  # only cl_analysis.json there: matrices, no per-sample scores
+    assert len(runs) == 2 and not runs[0].scores and runs[0].n_samples("a") == 10
+    t = tables.analyze(runs, B=200).tidy.set_index(["method", "metric", "task"])
+    # ACC per run (40+90)/2 = 65 and (60+90)/2 = 75: the mean 70; the CI reflects the spread over runs only
+    assert t.loc[("sft", "acc", "all"), "mean"] == pytest.approx(70.0)
+    lo, hi = t.loc[("sft", "acc", "all"), ["ci_low", "ci_high"]]
+    assert 60.0 <= lo < 70.0 < hi <= 80.0
+    assert "without per-sample scores" in tables.analyze(runs, B=20).caption("x")
+
+
 def test_ci_shrinks_with_more_samples(tmp_path):
     make_run(tmp_path / "small", "x", ["a", "b"], {"a": rows(0, 0.5, 0.5, n=10), "b": rows(0, 0.5, 0.5, n=10)})
     make_run(tmp_path / "big", "y", ["a", "b"], {"a": rows(0, 0.5, 0.5, n=400), "b": rows(0, 0.5, 0.5, n=400)})

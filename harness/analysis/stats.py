@@ -55,12 +55,13 @@ _CHUNK = 1 << 22  # gathered scores per step: bounds the memory at ~32 MB for la
 
 
 def resampled_matrices(
-    R: np.ndarray, scores: Sequence[np.ndarray | None], idx: Sequence[np.ndarray | None]
+    R: np.ndarray, scores: Sequence[np.ndarray | None], idx: Sequence[np.ndarray | None], m: int | None = None
 ) -> np.ndarray:
     """Resampled accuracy matrices (m, T+1, T) in percent. ``R`` (T+1, T); ``scores[j]`` (T+1, n_j) per-sample
     scores in [0, 1] of column j (None: no samples, the column stays at R[:, j]); ``idx[j]`` (m, n_j) from
-    ``resample_indices``. The same drawn samples are used for every row of a column (the pairing across rows)."""
-    m = next((ix.shape[0] for ix in idx if ix is not None), 1)
+    ``resample_indices``. The same drawn samples are used for every row of a column (the pairing across rows).
+    ``m`` is needed only when no column has samples (m copies of R)."""
+    m = next((ix.shape[0] for ix in idx if ix is not None), 1 if m is None else m)
     out = np.repeat(np.asarray(R, dtype=float)[None], m, axis=0)  # (m, T+1, T)
     for j, (s, ix) in enumerate(zip(scores, idx, strict=True)):
         if s is None or ix is None:

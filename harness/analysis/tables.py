@@ -77,7 +77,8 @@ def _pools(runs: Sequence[RunData], S: int, B: int, conv: metrics.Conventions,
     first = runs[0]
     idx = [stats.resample_indices(first.n_samples(t), B * S, rng) if all(t in r.scores for r in runs) else None
               for t in first.tasks]
-    q = [stats.quantities(stats.resampled_matrices(r.R, [r.scores.get(t) for t in r.tasks], idx), r.tasks, conv)
+    q = [stats.quantities(stats.resampled_matrices(r.R, [r.scores.get(t) for t in r.tasks], idx, B * S), r.tasks,
+                                            conv)
          for r in runs]
     out = q[0] if len(q) == 1 else {k: q[0][k] - q[1][k] for k in q[0]}
     return {k: v.reshape(B, S) for k, v in out.items()}
