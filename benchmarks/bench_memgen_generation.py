@@ -8,6 +8,13 @@ the same run mean anything.
 
     python benchmarks/bench_memgen_generation.py                    # SmolLM2-135M, batch 8 and 1, 256 tokens
     python benchmarks/bench_memgen_generation.py --model tiny-random --tokens 64 --naive-tokens 32
+
+``--staggered`` measures what insertion itself costs in the realistic case: row b of a batch inserts at steps
+t with (t + offset_b) % every == 0, offsets spread over the rows, as happens when each row meets its own
+delimiters (at batch 32 nearly every step then has some row inserting). It prints, per dtype and batch size,
+MemGen with insertion / the same loop with insertion off (and that loop / ``model.generate``):
+
+    python benchmarks/bench_memgen_generation.py --staggered --tokens 128 --batches 1,8,32 --dtypes fp32,bf16
 """
 
 from __future__ import annotations
@@ -49,9 +56,14 @@ def main() -> None:
     ap.add_argument("--naive-tokens", type=int, default=256, help="0 skips the naive comparison")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--dtype", default="bf16", help="model dtype (bf16 = the runner's default; fp32 for exactness)")
+    ap.add_argument("--staggered", action="store_true", help="rows insert at different steps; ratio to insert-off")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="with --staggered: the dtypes to measure")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.staggered:
+        staggered(args)
+        return
 
     lm = load_model(args.model, args.dtype)
     tok = lm.tokenizer
@@ -111,6 +123,53 @@ def main() -> None:
         t_naive = timed(naive)
         print(f"batch 1, {n} tokens: cached {t_cached:.2f}s, naive re-compute {t_naive:.2f}s, "
               f"speed-up naive/cached = {t_naive / t_cached:.2f}x")
+
+
+def _staggered_times(lm, mm: MemGenModel, enc, offset: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of insert-on, insert-off (same loop) and ``model.generate``, timed interleaved."""
+    every_token = torch.ones(mm.lm_head.weight.shape[0], dtype=torch.bool)
+
+    def trigger(ctx):
+        return ((ctx.step + offset) % args.every == 0) & ctx.candidates
+
+    def run(insert: bool) -> None:
+        out = memgen_generate(mm, enc.input_ids, enc.attention_mask, args.tokens, insert=insert, trigger=trigger,
+                              delimiters=every_token, eos_token_ids=[])
+        assert out.sequences.shape[1] == args.tokens
+
+    def plain() -> None:
+        with torch.no_grad():
+            lm.model.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                              pad_token_id=lm.tokenizer.pad_token_id)
+
+    run(True)  # warm-up
+    times: dict[str, list[float]] = {"on": [], "off": [], "generate": []}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
+        times["on"].append(timed(lambda: run(True)))
+        times["off"].append(timed(lambda: run(False)))
+        times["generate"].append(timed(plain))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def staggered(args: argparse.Namespace) -> None:
+    """Insertion cost with rows inserting at different steps: insert on / insert off of the same loop."""
+    task = get_task("arith")
+    batches = [int(b) for b in args.batches.split(",")]
+    examples = task.load("test", limit=max(batches))
+    print(f"staggered: model={args.model} tokens={args.tokens} K={args.k} cap={args.cap} every={args.every} "
+          f"threads={torch.get_num_threads()}")
+    for dtype in args.dtypes.split(","):
+        lm = load_model(args.model, dtype)
+        torch.manual_seed(0)
+        mm = MemGenModel(lm, MemGenOptions(k_prompt=args.k, k_infer=args.k, max_insertions=args.cap))
+        for bs in batches:
+            enc = lm.tokenizer([task.prompt(e, lm.tokenizer) for e in examples[:bs]], return_tensors="pt",
+                               padding=True, add_special_tokens=False)
+            offset = torch.tensor([b * args.every // bs for b in range(bs)])  # (B,) spread over the period
+            med = _staggered_times(lm, mm, enc, offset, args)
+            print(f"{dtype} batch {bs}: insert-on / insert-off = {med['on'] / med['off']:.3f}, "
+                  f"insert-off / generate = {med['off'] / med['generate']:.3f}  "
+                  f"(medians on {med['on']:.2f}s off {med['off']:.2f}s generate {med['generate']:.2f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,57 @@ def test_delimiter_mask_marks_tokens_by_their_text(tiny):
     for text, want in ((",", True), (".", True), ("\n", True), (" apple", False), ("7", False)):
         ids = tok(text, add_special_tokens=False).input_ids
         assert len(ids) == 1 and bool(mask[ids[0]]) is want, text
+
+
+@pytest.mark.parametrize("weaver_input", ["hidden", "embeddings"])
+def test_subset_insertion_with_compaction_equals_naive(tiny, weaver_input):
+    """Rows insert alone (weaver and reasoner run on those rows only) and the dead slots the other rows receive are
+    compacted away after every insertion: still token for token the naive reference."""
+    lm = tiny()
+    mm = MemGenModel(lm, MemGenOptions(k_prompt=3, k_infer=2, weaver_input=weaver_input, max_insertions=4))
+    randomise_lora(mm)
+    enc = _prompts(lm.tokenizer)
+    is_delim = _every_token(mm)
+    period = [3, 4, 5]
+
+    def trigger(ctx: TriggerContext) -> torch.Tensor:
+        return torch.tensor([ctx.step % period[b] == 0 for b in range(len(period))])
+
+    eos = stop_token_ids(lm.tokenizer)
+    outs = [memgen_generate(mm, enc.input_ids, enc.attention_mask, 20, trigger=trigger, delimiters=is_delim,
+                            compact_min_dead=m) for m in (1, 10**9)]  # compact at once / never
+    for b in range(3):
+        prompt = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
+        tokens, points = naive_generate(mm, prompt, 20, lambda s, b=b: s % period[b] == 0, is_delim, 4)
+        for out in outs:
+            assert strip_at_eos(out.sequences[b], eos) == tokens, f"row {b}"
+            assert out.insertions[b] == points
+
+
+def test_kv_compact_keeps_outputs_and_drops_dead_slots(tiny):
+    from transformers import DynamicCache
+
+    from harness.memgen import kv
+
+    lm = tiny()
+    model = lm.model.model
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 6))
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1]])  # dead slots in the middle of each row
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        nxt = torch.randint(0, 1000, (2, 1))
+        npos = mask.sum(1, keepdim=True)
+        ref = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                    position_ids=npos, cache=DynamicCache(ddp_cache_data=[
+                        (layer.keys.clone(), layer.values.clone()) for layer in cache.layers]),
+                    use_cache=True).last_hidden_state
+        assert kv.dead_slots(mask) == 2
+        small = kv.compact(cache, mask)
+        assert small.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+        assert cache.layers[0].keys.shape[2] == 4
+        got = model(input_ids=nxt, attention_mask=torch.cat([small, torch.ones(2, 1, dtype=small.dtype)], 1),
+                    position_ids=npos, cache=cache, use_cache=True).last_hidden_state
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,11 @@ K slots is fed: the inserting rows get their latents, the other rows get masked 
 positions nor enter their attention, so their output is what it would have been. Logits are computed for the
 last position only (no full-vocabulary logits thrown away). Rows stop at EOS; the loop stops when all have.
 
+When only some rows insert (the usual case: each row meets its own delimiters), the weaver runs on those rows alone
+and only they get a reasoner forward over the K latent slots (``WovenState.weave_rows`` / ``feed_rows``); the other
+rows receive dead, masked cache slots, which ``WovenState.compact`` drops once enough have piled up, so the cost of
+an insertion does not grow with the batch (``benchmarks/bench_memgen_generation.py --staggered``).
+
 We write the loop instead of using ``model.generate`` because generate cannot feed extra embeddings to some
 rows mid-decoding; ``tests/test_memgen_generation.py`` checks that with insertion off it is token-for-token
 ``model.generate``.
@@ -111,6 +116,7 @@ def memgen_generate(
     weaver_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     trigger_prompt: bool = False,
     output_logprobs: bool = False,
+    compact_min_dead: int = 32,
 ) -> MemGenOutput:
     """Generate for a left-padded batch ``input_ids``/``attention_mask`` (B, T) with latents woven in.
 
@@ -188,12 +194,18 @@ def memgen_generate(
             do = trigger(ctx).to(device=device, dtype=torch.bool) & cand  # (B,)
             if not bool(do.any()):
                 continue
-            lat = state.weave("infer")  # (B, K_i, d_r)
-            h = state.feed(lat, do[:, None].expand(B, k_infer))  # (B, K_i, d_r)
-            last = torch.where(do[:, None], h[:, -1], last)
+            rows = do.nonzero().flatten()  # (n,)
+            if len(rows) == B:
+                lat = state.weave("infer")  # (B, K_i, d_r)
+                last = state.feed(lat, do[:, None].expand(B, k_infer))[:, -1]  # (B, d_r)
+            else:  # only the inserting rows get weaver work and reasoner slots (the others: masked, no compute)
+                lat = state.weave_rows("infer", rows)  # (n, K_i, d_r)
+                last = last.index_copy(0, rows, state.feed_rows(lat, rows)[:, -1])
             n_ins = n_ins + do.long()
-            for b in do.nonzero().flatten().tolist():
+            for b in rows.tolist():
                 points[b].append(step + 1)
+            state.drop_pending(finished | (n_ins >= cap))  # rows that cannot insert again
+            state.compact(compact_min_dead)
     seqs = torch.stack(tokens, 1) if tokens else input_ids.new_zeros((B, 0))  # (B, T_new)
     done_turns = [list(p) for p in turn_points] if turns else [[] for _ in range(B)]
     lps = (torch.stack(logps, 1) if logps else torch.zeros((B, 0), device=device)) if output_logprobs else None

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from harness.memgen import kv
 from harness.memgen.options import MemGenOptions
 from harness.models import LoadedModel
 
@@ -272,3 +273,101 @@ class WovenState:
         self.w_mask = torch.cat([self.w_mask, mask], dim=1)
         self.w_next_pos = self.w_next_pos + mask.sum(1)
         return mm.heads.proj_out(out[:, -K:].float()).to(mm.embed.weight.dtype)  # (B, K, d_r)
+
+    # -- rows that insert alone (decoding) ------------------------------------------------------------------------
+    def _unread(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pending state (B, T, d_r) and its mask (B, T): 1 where a row has not had the weaver read it."""
+        if len(self.pending) > 1:
+            self.pending = [(torch.cat([x for x, _ in self.pending], 1), torch.cat([m for _, m in self.pending], 1))]
+        return self.pending[0]
+
+    def _set_unread(self, states: torch.Tensor, mask: torch.Tensor) -> None:
+        keep = mask.any(0).nonzero()  # drop the leading columns every row has read
+        start = int(keep[0]) if len(keep) else mask.shape[1]
+        self.pending = [(states[:, start:], mask[:, start:])] if start < mask.shape[1] else []
+
+    def drop_pending(self, rows: torch.Tensor) -> None:
+        """Rows (B,) bool that will never insert again (finished, or at the cap): forget their unread states."""
+        if self.pending and bool(rows.any()):
+            states, mask = self._unread()
+            self._set_unread(states, mask * (~rows)[:, None].to(mask.dtype))
+
+    def weave_rows(self, kind: str, rows: torch.Tensor) -> torch.Tensor:
+        """Latents (n, K, d_r) for ``rows`` (n,) only: the weaver reads just their unread states, on a cache
+        restricted to them; the other rows keep theirs for later. Same latents as ``weave`` gives those rows."""
+        mm = self.mm
+        if self.w_prefix is not None or not (kv.supports(self.w_cache) and kv.supports(self.cache)):
+            return self.weave(kind)[rows]  # the retrieved-text prefix is read once, by every row together
+        block = mm.heads.prompt if kind == "prompt" else mm.heads.infer
+        all_states, all_mask = self._unread()  # (B, T, d_r), (B, T)
+        mask = all_mask[rows]  # (n, T)
+        cols = mask.any(0).nonzero()
+        start = int(cols[0]) if len(cols) else mask.shape[1]
+        states, mask = all_states[rows, start:], mask[:, start:]  # (n, T', d_r), (n, T')
+        states = torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype,
+                                                                         device=states.device))
+        q = block(len(rows))  # (n, K, d_w) fp32
+        K = q.shape[1]
+        x = torch.cat([mm.heads.proj_in(states.float()), q], dim=1).to(mm.weaver_embed.weight.dtype)
+        w_mask = self.w_mask[rows]  # (n, L_w)
+        full = torch.cat([w_mask, mask, mask.new_ones((len(rows), K))], dim=1)  # (n, L_w + T' + K)
+        pos = positions(self.w_next_pos[rows], torch.cat([mask, mask.new_ones((len(rows), K))], dim=1))
+        sub = kv.select_rows(self.w_cache, rows)
+        with mm.weaver_mode():
+            out = mm.weaver(inputs_embeds=x, attention_mask=full, position_ids=pos, cache=sub,
+                            use_cache=True).last_hidden_state  # (n, T' + K, d_w)
+        sub.crop(-K)
+        width = mask.shape[1]
+        if width:  # the states just read join the weaver's cache of these rows; the other rows get dead slots
+            kv.append_rows(self.w_cache, sub, rows, width)
+            grown = self.w_mask.new_zeros((self.w_mask.shape[0], width))
+            grown[rows] = mask
+            self.w_mask = torch.cat([self.w_mask, grown], dim=1)
+            self.w_next_pos = self.w_next_pos.index_add(0, rows, mask.sum(1))
+            read = all_mask.clone()
+            read[rows] = 0
+            self._set_unread(all_states, read)
+        return mm.heads.proj_out(out[:, -K:].float()).to(mm.embed.weight.dtype)  # (n, K, d_r)
+
+    def feed_rows(self, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Run the reasoner on a chunk (n, T, d_r) for ``rows`` (n,) only (inside ``mm.reasoner_mode()``); the other
+        rows get masked slots without any compute. Returns the rows' states (n, T, d_r)."""
+        B, (n, T) = self.mask.shape[0], embeds.shape[:2]
+        if not kv.supports(self.cache):  # e.g. sliding-window layers: every row gets the chunk, masked where absent
+            full_embeds = embeds.new_zeros((B, T, embeds.shape[2]))
+            full_embeds[rows] = embeds
+            chunk = self.mask.new_zeros((B, T))
+            chunk[rows] = 1
+            return self.feed(full_embeds, chunk)[rows]
+        mask = torch.cat([self.mask[rows], self.mask.new_ones((n, T))], dim=1)  # (n, L + T)
+        pos = self.next_pos[rows][:, None] + torch.arange(T, device=embeds.device)[None, :]  # (n, T)
+        sub = kv.select_rows(self.cache, rows)
+        hidden = self.mm.reasoner(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=sub,
+                                  use_cache=True).last_hidden_state  # (n, T, d_r)
+        kv.append_rows(self.cache, sub, rows, T)
+        chunk = self.mask.new_zeros((B, T))
+        chunk[rows] = 1
+        self.mask = torch.cat([self.mask, chunk], dim=1)
+        self.next_pos = self.next_pos.index_add(0, rows, chunk.new_full((n,), T))
+        full = hidden.new_zeros((B, T, hidden.shape[2]))
+        full[rows] = hidden
+        if self.mm.opts.weaver_input == "hidden":
+            self.pending.append((full, chunk))
+        else:
+            src = embeds.new_zeros((B, T, embeds.shape[2]))
+            src[rows] = embeds
+            self.pending.append((src, chunk))
+        if self.observer is not None:
+            self.observer(full, chunk)
+        return hidden
+
+    def compact(self, min_dead: int = 32) -> None:
+        """Drop the dead slots of the reasoner's and the weaver's caches once at least ``min_dead`` (and a quarter of
+        the cache) have piled up: each row's slots move right, padding goes left, outputs stay the same."""
+        for cache_name, mask_name in (("cache", "mask"), ("w_cache", "w_mask")):
+            cache, mask = getattr(self, cache_name), getattr(self, mask_name)
+            if mask is None or not kv.supports(cache):
+                continue
+            dead = kv.dead_slots(mask)
+            if dead >= min_dead and 4 * dead >= mask.shape[1]:
+                setattr(self, mask_name, kv.compact(cache, mask))
