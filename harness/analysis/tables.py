@@ -84,14 +84,19 @@ def _pools(runs: Sequence[RunData], S: int, B: int, conv: metrics.Conventions,
     return {k: v.reshape(B, S) for k, v in out.items()}
 
 
-def _interval(points: list[dict], pools: list[dict], strata: list[str], key: tuple[str, str], level: float,
-              rng: np.random.Generator) -> tuple[float, float, float, int]:
+def _interval(points: list[dict], pools: list[dict], strata: list[str], sampled: list[bool], key: tuple[str, str],
+              level: float, rng: np.random.Generator) -> tuple[float, float, float, int]:
     """(mean over the runs where the quantity is defined, CI low, CI high, number of those runs)."""
     p = np.array([pt[key] for pt in points])  # (K,)
     defined = ~np.isnan(p)
     if not defined.any():
         return np.nan, np.nan, np.nan, 0
-    lo, hi = stats.percentile_ci(stats.hierarchical(p, np.stack([pl[key] for pl in pools]), strata, rng), level)
+    W = np.stack([pl[key] for pl in pools])  # (K, B, S)
+    kept = [o for o, d in zip(strata, defined, strict=True) if d]
+    if max(kept.count(o) for o in kept) < 2 and not any(s for s, d in zip(sampled, defined, strict=True) if d):
+        # one run per order and no per-sample scores: no source of noise to resample, no interval (not 0 width)
+        return float(p[defined].mean()), np.nan, np.nan, int(defined.sum())
+    lo, hi = stats.percentile_ci(stats.hierarchical(p, W, strata, rng), level)
     return float(p[defined].mean()), lo, hi, int(defined.sum())
 
 
@@ -126,7 +131,8 @@ def analyze(
                  for r in group]
         for key in points[0]:
             rng = np.random.default_rng(derive_seed(seed, "across", method, *key))
-            mean, lo, hi, n_runs = _interval(points, pools, strata, key, level, rng)
+            mean, lo, hi, n_runs = _interval(points, pools, strata, [bool(r.scores) for r in group], key, level,
+                                             rng)
             metric, task = key
             tasks_n = task_set if task == "all" else [task]
             rows.append({"method": method, "metric": metric, "task": task, "mean": mean, "ci_low": lo,
@@ -184,7 +190,8 @@ def paired_difference(an: Analysis, a: str, b: str) -> pd.DataFrame:
         rows = []
         for key in points[0]:
             rng = np.random.default_rng(derive_seed(an.seed, "pair-across", x, y, *key))
-            mean, lo, hi, n = _interval(points, pools, strata, key, an.level, rng)
+            mean, lo, hi, n = _interval(points, pools, strata, [bool(ra.scores and rb.scores) for ra, rb in pairs],
+                                        key, an.level, rng)
             tasks_n = an.tasks if key[1] == "all" else [key[1]]
             rows.append({"a": x, "b": y, "metric": key[0], "task": key[1], "diff": mean, "ci_low": lo, "ci_high": hi,
                          "n_pairs": n, "n_samples": int(sum(ra.n_samples(t) for ra, _ in pairs for t in tasks_n))})
