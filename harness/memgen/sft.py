@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import get_scheduler
 
 from harness.distributed import all_reduce_grads, all_reduce_sum, check_in_sync, rank_slice
+from harness.logprobs import token_logprobs
 from harness.memgen.turns import TurnChunks, prefill, turn_chunks
 from harness.memgen.weaver import MemGenModel, WovenState
 from harness.training import IGNORE_INDEX, NonFiniteLossError
@@ -151,7 +152,7 @@ def woven_logprobs(mm: MemGenModel, batch: WovenBatch, temperature: float = 1.0)
     """log p(token) (N,) of every completion token under the woven reasoner (order: round, then row), for the
     sampling distribution ``softmax(logits / temperature)`` (the one rollouts were drawn from)."""
     h, y = woven_forward(mm, batch)
-    return torch.log_softmax(mm.lm_head(h).float() / temperature, dim=-1).gather(1, y[:, None]).squeeze(1)
+    return token_logprobs(h, mm.lm_head, y, temperature)  # chunked: no (N, V) fp32 tensor kept for backward
 
 
 def sft_loss(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
