@@ -48,6 +48,7 @@ from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
 from harness.sharded import gather_weights, release_engine, shard_weights, trainer_device_kwargs
 from harness.training import LossGuard, load_weights, rollout_stop_ids, save_weights, trainable_model
+from harness.vllm_backend import grpo_vllm_kwargs
 from tasks.base import Example, Task
 
 
@@ -153,6 +154,7 @@ def grpo_config(cfg: RunConfig, opts: GRPOOptions, seed: int, max_steps: int, ma
         disable_tqdm=True,
         dataloader_num_workers=0,
         log_completions=False,
+        **grpo_vllm_kwargs(cfg),  # eval.backend=vllm: TRL's vLLM rollouts, colocate mode (harness/vllm_backend.py)
     )
 
 

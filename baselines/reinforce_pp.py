@@ -89,6 +89,7 @@ from harness.training import (
     save_weights,
     trainable_model,
 )
+from harness.vllm_backend import rollout_sampler
 from tasks.base import Example, Task
 
 
@@ -235,9 +236,15 @@ class ReinforcePP:
         am = enc["attention_mask"].repeat_interleave(n, 0)  # (B, P)
         stops = rollout_stop_ids(tok, self.model)
         self.model.eval()
-        out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=self.opts.temperature,
-                                  top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                  pad_token_id=tok.pad_token_id, synced_gpus=False)  # (B, P + C) see generate_greedy
+        sampler = rollout_sampler(self.model)  # eval.backend=vllm: the run's vLLM engine (harness/vllm_backend.py)
+        if sampler is not None:
+            comp = sampler(ids, am, max_new_tokens, self.opts.temperature, stops, tok.pad_token_id)  # (B, C)
+            out = torch.cat([ids, comp], dim=1)  # (B, P + C), as generate returns it
+        else:
+            out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True,
+                                      temperature=self.opts.temperature, top_k=0, top_p=1.0,
+                                      max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id,
+                                      synced_gpus=False)  # (B, P + C) see generate_greedy
         comp = out[:, ids.shape[1]:]  # (B, C)
         cmask = completion_mask(comp, stops)
         texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(comp, cmask, strict=True)]

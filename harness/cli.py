@@ -88,6 +88,7 @@ def run(
     device: str = typer.Option(None, help="cpu, cuda or cuda:N."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML file with RunConfig fields."),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. train.lr=1e-4."),
+    backend: str = typer.Option(None, "--backend", help="Generation backend: hf or vllm (eval.backend)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Re-launch under `accelerate launch` with N "
                                       "processes (data-parallel evaluation, DDP training)."),
     accelerate_config: Path = typer.Option(None, "--accelerate-config", help="With --num-processes: launch with "
@@ -113,7 +114,7 @@ def run(
         opts = {"sequence": sequence, "model": model, "seed": seed, "limit": limit, "out": out,
                 "data_dir": data_dir, "dtype": dtype, "device": device,
                 "methods": methods.split(",") if methods else None}
-        cfg = build_config(config, opts, overrides or [])
+        cfg = build_config(config, opts, [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
         check_methods(cfg.methods)
         tasks = resolve_sequence(cfg.sequence)
     except USER_ERRORS as exc:
@@ -258,6 +259,7 @@ def eval_cmd(
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. eval.batch_size=8."),
+    backend: str = typer.Option(None, "--backend", help="Generation backend: hf or vllm (eval.backend)."),
 ) -> None:
     """Evaluate one method (optionally restored from a checkpoint) on one or more tasks."""
     from harness.methods import build_method
@@ -268,11 +270,17 @@ def eval_cmd(
 
     try:
         cfg = build_config(None, {"model": model, "seed": seed, "data_dir": data_dir, "dtype": dtype,
-                                  "device": device, "methods": [method]}, overrides or [])
+                                  "device": device, "methods": [method]},
+                           [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
         check_methods([method])
         tasks = [get_task(t, cfg.data_dir) for t in task]
         lm = load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
         m = build_method(method, lm, cfg)
+        from harness.vllm_backend import fallback_note, use_backend
+
+        used = use_backend(method, lm, cfg)
+        if note := fallback_note(method, cfg):
+            console.print(note)
         if checkpoint is not None:
             if not checkpoint.exists():
                 raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
@@ -286,7 +294,8 @@ def eval_cmd(
             if out is not None:
                 atomic_write_jsonl(out / f"{t.name}.samples.jsonl", samples)
         if out is not None:
-            atomic_write_json(out / "eval.json", {"method": method, "model": model, "results": results})
+            atomic_write_json(out / "eval.json", {"method": method, "model": model, "backend": used,
+                                                  "results": results})
     except USER_ERRORS as exc:
         _fail(exc)
     print(json.dumps(results, indent=2))
@@ -315,6 +324,10 @@ def report(
     if resamples < 1:
         _fail(ValueError(f"bad --resamples {resamples}: use 1 or more (default 1000)"))
     try:
+        from harness.vllm_backend import mixed_backend_warning
+
+        if warning := mixed_backend_warning(dirs):
+            console.print(warning)
         if ci or plots or out is not None or format == "json" or compare:
             from harness.analysis import tables
 

