@@ -12,8 +12,9 @@ leaving the call unbounded). So:
   does not answer within ``timeout_s`` seconds, and restarted on the next call. That bound holds even inside a C
   call that never returns to the interpreter, which no in-thread timeout can interrupt.
 
-A timeout counts as "not equivalent" (score 0), as in math-verify and TRL. Results are cached: RL groups score the
-same few answers many times.
+A timeout counts as "not equivalent" (score 0), as in math-verify and TRL. Importing math-verify and building its
+parsers (seconds, once per process) happens outside the bound. Results are cached: RL groups score the same few
+answers many times.
 """
 
 from __future__ import annotations
@@ -60,10 +61,17 @@ def _check(pred: str, gold: str) -> bool:
     return bool(p) and bool(verify(g, p, timeout_seconds=None))
 
 
+@lru_cache(maxsize=1)
+def _warm() -> None:
+    """Import math-verify and build its parsers (seconds, once) outside any answer's time bound."""
+    _check(r"\frac{1}{2}", "0.5")
+
+
 def _check_in_process(pred: str, gold: str, timeout_s: float) -> bool:
     from math_verify.errors import TimeoutException
     from math_verify.utils import timeout
 
+    _warm()
     try:
         return timeout(timeout_seconds=max(1, math.ceil(timeout_s)))(_check)(pred, gold)
     except TimeoutException:
@@ -152,17 +160,19 @@ def equivalent(pred: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bo
 
 def _serve() -> None:
     """The child's loop: one ``pred\\tgold`` line in, ``1``/``0`` out, until stdin closes."""
-    import math_verify  # noqa: F401 - import (seconds) before saying ready, so answers are timed alone
-
-    _quiet()
-    print("ready", flush=True)
+    # Replies go to a private copy of stdout; anything a library prints goes to stderr and cannot shift them.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _warm()  # before saying ready, so that answers are timed alone
+    print("ready", file=replies, flush=True)
     for line in sys.stdin:
         pred, _, gold = line.rstrip("\n").partition("\t")
         try:
             ok = _check(_unescape(pred), _unescape(gold))
         except Exception:  # noqa: BLE001 - as in _check_in_process
             ok = False
-        print("1" if ok else "0", flush=True)
+        print("1" if ok else "0", file=replies, flush=True)
 
 
 if __name__ == "__main__":
