@@ -24,8 +24,8 @@ from harness.methods import Method, build_method
 from harness.models import LoadedModel, load_model
 from harness.seeding import derive_seed, set_seed
 from harness.store import atomic_dir, atomic_write_json, atomic_write_jsonl, read_json, run_metadata
-from tasks.base import Example, Task
 from harness.vllm_backend import fallback_note, record_backend, use_backend
+from tasks.base import Example, Task
 from tasks.registry import get_task, resolve_sequence
 
 # Keys of the config that may change between a run and its resumption without changing its results.
@@ -181,15 +181,15 @@ def run_method(
     lm = model or load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
     set_seed(derive_seed(cfg.seed, "init"))
     method = build_method(method_name, lm, cfg)
+    backend = use_backend(method_name, lm, cfg)  # hf or vllm (harness/vllm_backend.py), recorded with each cell
+    if main:
+        record_backend(run_dir, backend, fallback_note(method_name, cfg))
     trains = getattr(method, "trains", True)
     # Tasks with file splits must have a train split to be learned (environment tasks generate theirs: no splits).
     untrainable = [t.name for t in tasks
                    if (splits := getattr(getattr(t, "definition", None), "splits", None)) and "train" not in splits]
     if untrainable:
         raise ConfigError(f"task(s) {untrainable} have no train split, so they cannot be learned in a sequence; "
-    backend = use_backend(method_name, lm, cfg)  # hf or vllm (harness/vllm_backend.py), recorded with each cell
-    if main:
-        record_backend(run_dir, backend, fallback_note(method_name, cfg))
                           f"evaluate them with `memgen-bench eval` or use a task with training data")
     test_sets = [t.load("test", limit=cfg.eval_limit, seed=cfg.seed) for t in tasks]
 
