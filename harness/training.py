@@ -193,7 +193,4 @@ def rollout_stop_ids(tokenizer: Any, model: Any) -> list[int]:
     list, the chat template's end-of-turn token) for RL rollouts, so training samples end where evaluation does."""
     from harness.generation import stop_token_ids
 
-    try:
-        return stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    except TypeError:  # an older harness.generation whose stop_token_ids takes the tokenizer alone
-        return stop_token_ids(tokenizer)
+    return stop_token_ids(tokenizer, getattr(model, "generation_config", None))
