@@ -263,7 +263,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate one method (optionally restored from a checkpoint) on one or more tasks."""
     from harness.methods import build_method
-    from harness.models import load_model
+    from harness.models import load_run_model
     from harness.runner import evaluate
     from harness.store import atomic_write_json, atomic_write_jsonl
     from tasks.registry import get_task
@@ -274,7 +274,7 @@ def eval_cmd(
                            [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
         check_methods([method])
         tasks = [get_task(t, cfg.data_dir) for t in task]
-        lm = load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
+        lm = load_run_model(cfg)
         m = build_method(method, lm, cfg)
         from harness.vllm_backend import fallback_note, use_backend
 
@@ -497,9 +497,14 @@ def show_config(
 
     try:
         cfg = build_config(config, {}, overrides or [])
+        out = to_dict(cfg)
+        if "memgen" in cfg.methods:  # every MemGen option, defaults included, validated by its own dataclass
+            from harness.memgen.options import resolved_options
+
+            out["resolved_method_options"] = {"memgen": resolved_options(cfg.method_options.get("memgen", {}))}
     except USER_ERRORS as exc:
         _fail(exc)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(yaml.safe_dump(out, sort_keys=False))
 
 
 def main() -> None:  # pragma: no cover - console entry

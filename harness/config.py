@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+CHAT_TEMPLATE_NAMES = ("native", "chatml")  # harness.models.chat_templates(); kept here so config needs no torch
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,11 @@ class EvalConfig:
     vllm_args: dict[str, Any] = field(default_factory=dict)
     """Extra ``vllm.LLM`` arguments with backend vllm, e.g. ``tensor_parallel_size``, ``gpu_memory_utilization``,
     ``max_model_len``."""
+    cache: bool = True
+    """Compute the init row once for every method that decodes the frozen model the same way (vanilla, sft, grpo,
+    reinforce_pp before training; ``harness/eval_cache.py``); false = always recompute."""
+    cache_dir: str | None = None
+    """Where cached cells live; None = ``<out>/eval-cache`` (a sweep points all its cells at one folder)."""
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -110,6 +116,9 @@ class RunConfig:
     """Reasoner: Hub id, local folder, .gguf file, ``smollm2-135m`` or ``tiny-random``."""
     dtype: str = "fp32"
     """fp32, bf16 or fp16."""
+    chat_template: str = "native"
+    """Chat template of prompts and targets: ``native`` (the tokenizer's own) or ``chatml`` (the bare ChatML template
+    without a system turn that the MemGen public code forces on every tokenizer; ``harness.models.CHATML``)."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
     seed: int = 0
@@ -262,6 +271,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def validate(cfg: RunConfig) -> RunConfig:
     if cfg.dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype {cfg.dtype!r} is not valid; use one of {', '.join(DTYPE_NAMES)}")
+    if cfg.chat_template not in CHAT_TEMPLATE_NAMES:
+        raise ConfigError(f"chat_template {cfg.chat_template!r} is not valid; use one of "
+                          f"{', '.join(CHAT_TEMPLATE_NAMES)}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device {cfg.device!r} is not valid; use cpu, cuda or cuda:N")
     for key, val in (("train.batch_size", cfg.train.batch_size), ("eval.batch_size", cfg.eval.batch_size),

@@ -210,7 +210,8 @@ def policy_loss(
 
 
 def sparsity_shaped_rewards(
-    rewards: torch.Tensor, decisions: torch.Tensor, mask: torch.Tensor, group_size: int, lam: float
+    rewards: torch.Tensor, decisions: torch.Tensor, mask: torch.Tensor, group_size: int, lam: float,
+    totals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MemGen trigger reward with the reward-adaptive sparsity penalty (paper Eq. 8-9). (B,)
 
@@ -218,10 +219,13 @@ def sparsity_shaped_rewards(
     i (``decisions`` (B, J), ``mask`` (B, J) marks the delimiters that exist), and ``p_bar`` the mean invocation
     rate ``sum_j d_ij / |tau_i|`` over the rollouts of the group whose reward is at least the group's median (the
     interpolated median, so with an even group it is the mean of the two middle rewards). ``lam`` = 0 gives the
-    public code's behaviour (task reward only)."""
+    public code's behaviour (task reward only). ``totals`` (B,): the rollout's length |tau_i| in delimiters (every
+    delimiter it generated, also those past the insertion cap where the trigger was not asked, the paper's rate);
+    None = the delimiters the trigger was asked at (``mask.sum(1)``)."""
     r = _grouped(rewards.float(), group_size)  # (G_n, G)
     d = decisions.float() * mask.float()  # (B, J)
-    rate = _grouped(d.sum(1) / mask.float().sum(1).clamp(min=1.0), group_size)  # (G_n, G)
+    length = mask.float().sum(1) if totals is None else torch.maximum(totals.float(), mask.float().sum(1))  # (B,)
+    rate = _grouped(d.sum(1) / length.clamp(min=1.0), group_size)  # (G_n, G)
     high = (r >= r.quantile(0.5, dim=1, keepdim=True)).float()  # (G_n, G); never empty: the max is >= median
     p_bar = (rate * high).sum(1, keepdim=True) / high.sum(1, keepdim=True)  # (G_n, 1)
     p_row = p_bar.expand_as(r).reshape(-1, 1)  # (B, 1)

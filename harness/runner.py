@@ -8,6 +8,7 @@ stage, so a killed run resumes from the last finished cell. Training and evaluat
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from typing import Any
 
 import pandas as pd
 
-from harness import metrics
+from harness import eval_cache, metrics
 from harness.budget import StageMeter, read_stage_budgets, run_budget, stage_budget
 from harness.config import ConfigError, RunConfig, to_dict
 from harness.distributed import barrier, is_main, map_sharded
+from harness.generation import stop_token_ids
 from harness.methods import Method, build_method
-from harness.models import LoadedModel, load_model
+from harness.models import LoadedModel, chat_template_record, load_run_model
 from harness.seeding import derive_seed, set_seed
 from harness.store import atomic_dir, atomic_write_json, atomic_write_jsonl, read_json, run_metadata
 from harness.vllm_backend import fallback_note, record_backend, use_backend
@@ -178,7 +180,12 @@ def run_method(
             atomic_write_json(run_dir / "meta.json", run_metadata(seeds, {t.name: t.version for t in tasks}))
     barrier()
 
-    lm = model or load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
+    lm = model or load_run_model(cfg)
+    if main:  # the prompts' chat template (choice, version, hash) beside the other provenance
+        meta = json.loads((run_dir / "meta.json").read_text())
+        if "chat_template" not in meta:
+            meta["chat_template"] = chat_template_record(lm.tokenizer, cfg.chat_template)
+            atomic_write_json(run_dir / "meta.json", meta)
     set_seed(derive_seed(cfg.seed, "init"))
     method = build_method(method_name, lm, cfg)
     backend = use_backend(method_name, lm, cfg)  # hf or vllm (harness/vllm_backend.py), recorded with each cell
@@ -234,17 +241,45 @@ def run_method(
             notify("eval_start", {"method": method_name, "row": stage, "task": task.name, "n": len(examples)})
             set_seed(derive_seed(cfg.seed, "eval", stage, task.name))
             budget = cfg.eval.max_new_tokens or task.max_new_tokens
-            result, samples = evaluate(method, task, examples, budget, lm.tokenizer)
+            key = _init_row_key(method, cfg, lm, task, examples, budget, backend) if stage == 0 else None
+            hit = eval_cache.lookup(_cache_root(cfg), key) if key else None
+            if hit is not None:  # the same evaluation, already done by another method or run (harness/eval_cache.py)
+                done, samples = hit
+                result = CellResult(**{k: done[k] for k in ("accuracy", "n", "correct", "seconds")})
+            else:
+                result, samples = evaluate(method, task, examples, budget, lm.tokenizer)
+                if key and main:
+                    eval_cache.store(_cache_root(cfg), key, result.__dict__, samples)
             if main:
                 atomic_write_jsonl(run_dir / "samples" / f"{cell_name(stage, task.name)}.jsonl", samples)
                 atomic_write_json(cell, {"row": stage, "task": task.name, "task_version": task.version,
-                                         "backend": backend, **result.__dict__})
+                                         "backend": backend, **result.__dict__,
+                                         **({"cache_key": key, "cached": hit is not None} if key else {})})
             barrier()
             notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__})
         if main:
             write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
         barrier()
     return summarize_run(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+
+
+def _cache_root(cfg: RunConfig) -> Path:
+    return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else Path(cfg.out) / "eval-cache"
+
+
+def _init_row_key(method: Method, cfg: RunConfig, lm: LoadedModel, task: Task, examples: Sequence[Example],
+                  budget: int, backend: str) -> str | None:
+    """The eval-cache key of an init-row cell, or None when it is not cacheable (option off, multi-turn task, a
+    method whose generation is not the frozen model's plain decoding)."""
+    ident = eval_cache.identity(method) if cfg.eval.cache else None
+    if ident is None or getattr(task, "rollout", None) is not None:
+        return None
+    tok = lm.tokenizer
+    return eval_cache.cell_key(
+        ident=ident, model=cfg.model, dtype=cfg.dtype, template_sha=chat_template_record(tok, cfg.chat_template)["sha256"],
+        task=task.name, version=task.version, prompts=[task.prompt(e, tok) for e in examples],
+        max_new_tokens=budget, stop_ids=stop_token_ids(tok, getattr(lm.model, "generation_config", None)),
+        batch_size=cfg.eval.batch_size, backend=backend, seed=derive_seed(cfg.seed, "eval", 0, task.name))
 
 
 def summarize_run(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any]) -> dict[str, Any]:

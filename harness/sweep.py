@@ -121,14 +121,22 @@ def cells(spec: SweepSpec, out: Path) -> list[SweepCell]:
     ]
 
 
+def shared_base(spec: SweepSpec, out: Path) -> dict[str, Any]:
+    """The base config with one evaluation cache for every cell (row 0 is then computed once per seed, whatever the
+    order or method), unless the base names its own ``eval.cache_dir``."""
+    ev = dict(spec.base.get("eval") or {})
+    ev.setdefault("cache_dir", str(out / "eval-cache"))
+    return {**spec.base, "eval": ev}
+
+
 def cell_config(spec: SweepSpec, cell: SweepCell) -> RunConfig:
-    return from_dict(RunConfig, {**spec.base, "sequence": cell.sequence, "methods": [cell.method],
-                                 "seed": cell.seed, "out": str(cell.run_dir.parent)})
+    return from_dict(RunConfig, {**shared_base(spec, cell.run_dir.parents[2]), "sequence": cell.sequence,
+                                 "methods": [cell.method], "seed": cell.seed, "out": str(cell.run_dir.parent)})
 
 
 def write_base_config(spec: SweepSpec, out: Path) -> Path:
     path = out / "sweep_base.yaml"
-    base = {k: v for k, v in to_dict(from_dict(RunConfig, spec.base)).items()
+    base = {k: v for k, v in to_dict(from_dict(RunConfig, shared_base(spec, out))).items()
             if k not in ("sequence", "methods", "seed", "out")}
     atomic_write_text(path, yaml.safe_dump(base, sort_keys=False))
     return path
