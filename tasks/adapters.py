@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from tasks.base import Example, TaskDefinition
+from tasks.base import Example, TaskDefinition, render_template
 from tasks.scoring import extract_boxed
 
 
@@ -18,11 +18,18 @@ def _id(row: dict[str, Any], d: TaskDefinition) -> str:
     return f"{d.name}-{row.get('_line', 0)}"
 
 
+def _column(row: dict[str, Any], spec: str, d: TaskDefinition) -> str:
+    """A column of the row, or a template over its columns when ``spec`` holds braces (``"{Body} {Question}"``)."""
+    if "{" in spec:
+        return render_template(spec, {k: v for k, v in row.items() if k != "_line"}, f"task {d.name}")
+    return str(row[spec])
+
+
 def fields(row: dict[str, Any], d: TaskDefinition) -> Example:
     f = {"question": "question", "answer": "answer", **d.fields}
-    answer = str(row[f["answer"]])
-    target = str(row[f["target"]]) if "target" in f else answer
-    return Example(id=_id(row, d), question=str(row[f["question"]]), answer=answer, target=target)
+    answer = _column(row, f["answer"], d)
+    target = _column(row, f["target"], d) if "target" in f else answer
+    return Example(id=_id(row, d), question=_column(row, f["question"], d), answer=answer, target=target)
 
 
 def gsm8k(row: dict[str, Any], d: TaskDefinition) -> Example:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.base import DefinedTask, Task, TaskDefinition, TaskError
+from tasks.base import DefinedTask, Task, TaskDefinition, TaskError, is_jinja
 
 HERE = Path(__file__).parent
 
@@ -39,6 +39,19 @@ def parse_definition(path: Path) -> TaskDefinition:
     until = raw.get("until", [])
     if not isinstance(until, list) or not all(isinstance(u, str) and u for u in until):
         raise TaskError(f"{path}: until must be a list of non-empty stop strings, e.g. until: [\"Question:\"]")
+    shots = raw.get("num_fewshot", 0)
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise TaskError(f"{path}: num_fewshot must be an integer >= 0, got {shots!r}")
+    for key in ("instruction", "hub_revision", "prompt"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise TaskError(f"{path}: {key} must be a string, got {raw[key]!r}")
+    if isinstance(raw.get("prompt"), str) and is_jinja(raw["prompt"]):
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(raw["prompt"])
+        except jinja2.TemplateSyntaxError as exc:
+            raise TaskError(f"{path}: bad Jinja2 prompt template (line {exc.lineno}: {exc.message})") from exc
     try:
         raw["version"] = str(raw["version"])
         return TaskDefinition(**raw)
