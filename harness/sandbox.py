@@ -179,35 +179,35 @@ IFS='
 '
 R=/var/tmp
 mount -t tmpfs -o size=4m,mode=0755 tmpfs "$R"
-mkdir "$R/tmp" "$R/dev" "$R/proc" "$R/etc" "$R/.old"
+mkdir "$R/tmp"
 mount -t tmpfs -o "size=${WORKDIR_MB}m,mode=0700,nosuid,nodev" tmpfs "$R/tmp"
+mkdir -p $DIRS
 cp "$STAGE/runner.py" "$STAGE/spec.json" "$R/tmp/"
 chown -R "$SBX_UID:$SBX_UID" "$R/tmp"
-for p in $LINKS; do ln -s "$(readlink "$p")" "$R$p"; done
+for p in $LINKS; do ln -s "${p#*|}" "$R${p%%|*}"; done
 for p in $RO_PATHS; do
   src=${p%%|*}; dst=$R${p#*|}
-  if [ -d "$src" ]; then mkdir -p "$dst"; else mkdir -p "$(dirname "$dst")"; : > "$dst"; fi
+  [ -d "$src" ] || : > "$dst"
   mount -o bind,ro,nosuid,nodev "$src" "$dst"
 done
-for f in $ETC_FILES; do cp -L "$f" "$R$f" 2>/dev/null || true; done
+[ -z "$ETC_FILES" ] || cp -L $ETC_FILES "$R/etc/"
 echo "sandbox:x:$SBX_UID:$SBX_UID:sandbox:/tmp:/bin/sh" > "$R/etc/passwd"
 echo "sandbox:x:$SBX_UID:" > "$R/etc/group"
 echo "127.0.0.1 localhost" > "$R/etc/hosts"
 for n in null zero full random urandom; do : > "$R/dev/$n"; mount -o bind "/dev/$n" "$R/dev/$n"; done
 ln -s /proc/self/fd "$R/dev/fd"; ln -s fd/0 "$R/dev/stdin"; ln -s fd/1 "$R/dev/stdout"; ln -s fd/2 "$R/dev/stderr"
-mkdir "$R/dev/shm"
 mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$R/dev/shm"
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
 cd "$R"
 pivot_root . .old
 umount -l /.old
-rmdir /.old
 mount -o remount,bind,ro /
 cd /tmp
 set +e
-setpriv --reuid="$SBX_UID" --regid="$SBX_UID" --clear-groups --no-new-privs -- \
-  env -i PATH=/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MPLBACKEND=Agg \
-  $RUN
+run=$RUN uid=$SBX_UID
+unset STAGE SBX_UID WORKDIR_MB DIRS LINKS RO_PATHS ETC_FILES RUN R p src dst n PWD OLDPWD
+export PATH=/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MPLBACKEND=Agg
+setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs -- $run
 exit $?
 """
 # System folders the interpreter and the benchmarks' libraries need (C libraries, locales, time zones, the
@@ -259,12 +259,23 @@ def _namespace_cmd() -> list[str]:
             "--fork", "--kill-child", "--", "/bin/sh", "-c", _SETUP]
 
 
-def _setup_env(stage: Path, uid: int, workdir_mb: int) -> dict[str, str]:
+@cache
+def _layout_env() -> dict[str, str]:
+    """The root's layout as the setup script's variables, worked out once here rather than with a dozen
+    mkdir/readlink/dirname processes per run (each process start costs a millisecond or more)."""
     links, binds = _root_layout()
-    return {"PATH": _ROOT_PATH, "STAGE": str(stage), "SBX_UID": str(uid), "WORKDIR_MB": str(workdir_mb),
-            "LINKS": "\n".join(links), "RO_PATHS": "\n".join(f"{h}|{r}" for h, r in binds),
-            "ETC_FILES": "\n".join(_ETC),
+    dirs = ["/dev/shm", "/proc", "/etc", "/.old"]
+    dirs += [r if os.path.isdir(h) else os.path.dirname(r) for h, r in binds]
+    return {"DIRS": "\n".join("/var/tmp" + d for d in dict.fromkeys(dirs)),
+            "LINKS": "\n".join(f"{p}|{os.readlink(p)}" for p in links),
+            "RO_PATHS": "\n".join(f"{h}|{r}" for h, r in binds),
+            "ETC_FILES": "\n".join(f for f in _ETC if os.path.isfile(f)),
             "RUN": f"{os.path.realpath(sys.executable)}\n-I\n-B\nrunner.py"}
+
+
+def _setup_env(stage: Path, uid: int, workdir_mb: int) -> dict[str, str]:
+    return {"PATH": _ROOT_PATH, "STAGE": str(stage), "SBX_UID": str(uid), "WORKDIR_MB": str(workdir_mb),
+            **_layout_env()}
 
 
 def _fallback_readable(stage: Path) -> list[str]:

@@ -323,14 +323,14 @@ def test_writes_outside_the_workdir_do_not_reach_the_host(sbx):
     tag = f"memgen-pwned-{os.getpid()}-{time.time_ns()}"
     targets = [f"/tmp/{tag}", f"/var/tmp/{tag}", f"/dev/shm/{tag}", f"/run/lock/{tag}",
                str(Path(__file__).resolve().parent / tag), f"/root/{tag}", f"/{tag}"]
-    before = {p.name for p in Path(tempfile.gettempdir()).glob("memgen-sbx-*")}
+    before = {p.name for p in Path(tempfile.gettempdir()).glob(f"memgen-sbx-{os.getpid()}-*")}
     code = "import os\nopen('here.txt', 'w').write('x')\n" + "".join(
         f"try:\n    open({t!r}, 'w').write('pwned')\nexcept OSError:\n    pass\n" for t in targets) + GOOD
     out = run(sbx, code)
     assert out.status == "passed"  # writing its own working directory is allowed
     for t in targets:
         assert not os.path.exists(t), f"sandboxed program wrote {t}"
-    after = {p.name for p in Path(tempfile.gettempdir()).glob("memgen-sbx-*")}
+    after = {p.name for p in Path(tempfile.gettempdir()).glob(f"memgen-sbx-{os.getpid()}-*")}  # this process only
     assert after <= before  # the staging folder is gone; the workdir tmpfs died with the namespace
 
 
