@@ -1,7 +1,8 @@
 """Sandbox throughput on the HumanEval canonical solutions (all must pass), measured side by side in one run.
 
 Configurations, interleaved round by round so the shared machine's noise hits them alike:
-- ``sandbox x2``: the full sandbox (namespaces, tmpfs, uid switch, rlimits) with 2 workers (the figure for the note);
+- ``sandbox x2``: the full sandbox (namespaces, minimal read-only root, tmpfs, uid switch, rlimits) with 2 workers
+  (the figure for the note);
 - ``sandbox x1``: the same with 1 worker (parallel speed-up);
 - ``bare x2``: the same test programs as plain ``python -c`` subprocesses with 2 workers, no containment at all
   (the cost of the containment).

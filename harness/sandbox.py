@@ -169,10 +169,11 @@ _ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # The namespace's init (PID 1, root) builds the minimal root in a fresh tmpfs (mounted over /var/tmp, which only
 # serves as a mount point): the size-limited tmpfs workdir at /tmp with the staged files, the system and
 # interpreter folders bound read-only at their real paths (an interpreter under /root, e.g. pyenv, works: the
-# folders above a bind are the new root's own, mode 0755), a few /etc files, /dev nodes, a private /dev/shm and
-# the PID namespace's own /proc. Then pivot_root into it, detach the host's root, make the new root read-only,
-# and run the runner as the sandbox uid as a child, not by exec (a namespace's PID 1 ignores signals such as
-# SIGXCPU that should keep their default meaning), and exit with its status. Lists travel newline-separated.
+# folders above a bind are the new root's own, mode 0755; the venv's site-packages at /site-packages<i>), a few
+# /etc files, /dev nodes, a private /dev/shm and the PID namespace's own /proc. Then pivot_root into it, detach
+# the host's root, make the new root read-only, drop the setup's variables from the environment, and run the
+# runner as the sandbox uid as a child, not by exec (a namespace's PID 1 ignores signals such as SIGXCPU that
+# should keep their default meaning), and exit with its status. Lists travel newline-separated.
 _SETUP = r"""
 set -e
 IFS='
