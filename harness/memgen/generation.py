@@ -25,7 +25,6 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from harness.generation import stop_token_ids
 from harness.memgen.turns import prefill, turn_chunks
 from harness.memgen.weaver import MemGenModel, WovenState
 
@@ -129,7 +128,7 @@ def memgen_generate(
     tok = mm.tokenizer
     B = input_ids.shape[0]
     device = input_ids.device
-    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else stop_token_ids(tok)), device=device)
+    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else mm.stop_ids()), device=device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
     vocab = mm.lm_head.weight.shape[0]
     is_delim = (delimiters if delimiters is not None else delimiter_mask(tok, mm.opts.delimiters, vocab)).to(device)

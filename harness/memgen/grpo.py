@@ -38,7 +38,6 @@ from harness.distributed import (
     rank_seed,
     rank_slice,
 )
-from harness.generation import stop_token_ids
 from harness.memgen.generation import memgen_generate
 from harness.memgen.sft import WovenBatch, build_woven_batch, woven_logprobs
 from harness.memgen.weaver import MemGenModel
@@ -119,7 +118,7 @@ def sample_rollouts(
         ids[b, width - len(r):] = torch.tensor(r)
         mask[b, width - len(r):] = 1
     device = mm.embed.weight.device
-    stops = stop_token_ids(tok)
+    stops = mm.stop_ids()
     mm.eval()
     out = memgen_generate(mm, ids.to(device), mask.to(device), max_new_tokens, insert=True, delimiters=is_delim,
                           temperature=temperature, eos_token_ids=stops, generator=generator,

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from harness.config import RunConfig, from_dict, to_dict
-from harness.generation import length_sorted_batches, stop_token_ids
+from harness.generation import length_sorted_batches
 from harness.memgen.generation import delimiter_mask, memgen_generate
 from harness.memgen.options import PER_TASK, MemGenOptions
 from harness.memgen.retrieval import WeaverRetrieval
@@ -213,7 +213,7 @@ class MemGen:
                                   threshold=self.opts.trigger_threshold)
             res = memgen_generate(self.mm, input_ids.to(device), mask.to(device), max_new_tokens,
                                   insert=self.inserting, delimiters=self.is_delim, trigger=rec,
-                                  temperature=self.opts.temperature, eos_token_ids=stop_token_ids(tok), generator=gen,
+                                  temperature=self.opts.temperature, eos_token_ids=self.mm.stop_ids(), generator=gen,
                                   trigger_prompt=self.trigger_trained and self.opts.trigger_prompt,
                                   turn_points=None if turns is None else [turns[i] for i in idx],
                                   weaver_prefix=None if prefixes is None else prefix_batch(

@@ -40,7 +40,6 @@ from harness.distributed import (
     rank_seed,
     rank_slice,
 )
-from harness.generation import stop_token_ids
 from harness.memgen.generation import TriggerContext, memgen_generate
 from harness.memgen.trigger_lm import TriggerHead, TriggerLM, TriggerSession
 from harness.memgen.weaver import MemGenModel
@@ -276,7 +275,7 @@ def decode_with(mm: MemGenModel, rec: TriggerRecorder, prompts: Sequence[Sequenc
     device = mm.embed.weight.device
     mm.eval()
     out = memgen_generate(mm, ids.to(device), mask.to(device), max_new_tokens, insert=True, trigger=rec,
-                          delimiters=is_delim, temperature=0.0, eos_token_ids=stop_token_ids(tok),
+                          delimiters=is_delim, temperature=0.0, eos_token_ids=mm.stop_ids(),
                           trigger_prompt=trigger_prompt)
     rec.delimiters = [n + int(trigger_prompt) for n in out.delimiters]  # the prompt is one more decision point
     return [tok.decode(s, skip_special_tokens=True) for s in out.sequences]

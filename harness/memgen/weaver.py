@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from harness.generation import stop_token_ids
 from harness.memgen import kv
 from harness.memgen.options import MemGenOptions
 from harness.models import LoadedModel
@@ -123,6 +124,11 @@ class MemGenModel(nn.Module):
                                                                                 dtype=torch.float32)
         self._lora_layers = [m for m in self.peft.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
         self.eval()  # peft creates its LoRA dropout modules in training mode; training switches them on explicitly
+
+    def stop_ids(self) -> list[int]:
+        """Where completions end: the tokenizer's EOS, the reasoner's ``generation_config`` EOS ids and the chat
+        template's end-of-turn token (the set evaluation, SFT targets and every RL rollout use)."""
+        return stop_token_ids(self.tokenizer, getattr(self.reasoner_lm, "generation_config", None))
 
     # -- which parameters learn ---------------------------------------------------------------------------
     def weaver_parameters(self) -> list[nn.Parameter]:
