@@ -22,7 +22,10 @@ written to a folder and served as a ``LoRARequest`` whenever its weights changed
 and fully fine-tuned weights are pushed into the engine with ``load_weights`` (as TRL's colocate mode does).
 Under ``accelerate launch`` each process owns its engine on its own device and generates its shard of the prompts
 (data-parallel; the runner still scores every sample once); for tensor parallelism set
-``eval.vllm_args.tensor_parallel_size`` in a single-process run (not verified here: CPU only, no CUDA kernels).
+``eval.vllm_args.tensor_parallel_size`` in a single-process run. Neither is verified here (one 2-core CPU): an
+in-process engine forms its own one-process torch.distributed group, which may clash with the launch's group;
+TRL's colocate mode handles that with ``distributed_executor_backend="external_launcher"``, which
+``eval.vllm_args`` can pass.
 """
 
 from __future__ import annotations
@@ -111,19 +114,24 @@ def _base_of(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
-def _fast_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    """Changes whenever a tensor is updated in place (optimizer steps, ``load_state_dict``) or replaced."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
 def _fingerprint(tensors: Sequence[torch.Tensor]) -> str:
-    """A hash of the tensors' bytes: decides whether an adapter whose fast key changed really differs."""
+    """A hash of the tensors' bytes (a LoRA adapter: a few MB). Not a ``_version``-based key: the Trainer's optimizer
+    updates ``p.data`` in place, which leaves the parameters' version counters unchanged."""
     import torch
 
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _checksum(tensors: Sequence[torch.Tensor]) -> tuple[float, ...]:
+    """Sum and sum of squares of every tensor, on its own device (whole models: hashing bytes would copy them all
+    to the host); any real update changes them."""
+    import torch
+
+    with torch.no_grad():
+        return tuple(float(v) for t in tensors for v in (t.double().sum(), t.double().square().sum()))
 
 
 class Engine:
@@ -148,11 +156,13 @@ class Engine:
         if cfg.train.lora:
             args.update(enable_lora=True, max_loras=1, max_lora_rank=max(8, int(cfg.train.lora_r)))
         args.update(dict(cfg.eval.vllm_args))  # user settings win (tensor_parallel_size, gpu_memory_utilization...)
+        self.args = args
         self.llm = LLM(**args)
         self._tmp = Path(tempfile.mkdtemp(prefix="memgen-vllm-lora-"))
-        self._lora: tuple[Any, str, Any] | None = None  # (fast key, fingerprint, LoRARequest)
+        self._lora: tuple[str, Any] | None = None  # (fingerprint, LoRARequest) of the adapter in the engine
         self._lora_id = 0
-        self._full: Any = None  # fast key of the non-adapter weights the engine holds (use_backend sets the base's)
+        self.rebuilds = 0  # after TRL's GRPO engine was freed (``_alive``)
+        self._full: Any = None  # checksum of the non-adapter weights the engine holds (use_backend sets the base's)
 
     # -- following the model --------------------------------------------------------------------------------------
     def serves(self, model: Any) -> bool:
@@ -166,30 +176,26 @@ class Engine:
         name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
         state = get_peft_model_state_dict(model, adapter_name=name)
         tensors = [state[k] for k in sorted(state)]
-        key = _fast_key(tensors)
-        if self._lora is not None and self._lora[0] == key:
-            return self._lora[2]
         fp = _fingerprint(tensors)
-        if self._lora is not None and self._lora[1] == fp:
-            self._lora = (key, fp, self._lora[2])
-            return self._lora[2]
+        if self._lora is not None and self._lora[0] == fp:
+            return self._lora[1]
         self._lora_id += 1
         folder = self._tmp / f"v{self._lora_id}"
         model.save_pretrained(str(folder), selected_adapters=[name])
         if name != "default":  # peft writes non-default adapters into a subfolder of that name
             folder = folder / name
         if self._lora is not None:
-            self.llm.llm_engine.remove_lora(self._lora[2].lora_int_id)
-            shutil.rmtree(Path(self._lora[2].lora_path), ignore_errors=True)
+            self.llm.llm_engine.remove_lora(self._lora[1].lora_int_id)
+            shutil.rmtree(Path(self._lora[1].lora_path), ignore_errors=True)
         request = LoRARequest(f"adapter-v{self._lora_id}", self._lora_id, str(folder))
-        self._lora = (key, fp, request)
+        self._lora = (fp, request)
         return request
 
     def _sync_full(self, model: Any) -> None:
         """Weights not in an adapter (full fine-tuning): pushed into the engine's model when any tensor changed since
         the engine last matched them (TRL's colocate path: vLLM's ``load_weights`` with the HF names)."""
         params = list(model.state_dict().items())
-        key = _fast_key([t for _, t in params])
+        key = _checksum([t for _, t in params])
         if self._full == key:
             return
         self.llm.apply_model(lambda m: m.load_weights(params))
@@ -203,9 +209,23 @@ class Engine:
         return None
 
     # -- generation -----------------------------------------------------------------------------------------------
+    def _alive(self) -> None:
+        """Rebuild the engine if vLLM's in-process parallel groups are gone: freeing TRL's own colocate engine (GRPO
+        under this backend, once per task) destroys them for every engine in the process."""
+        from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+        if not model_parallel_is_initialized():
+            from vllm import LLM
+
+            del self.llm
+            self.llm = LLM(**self.args)
+            self._lora, self._full = None, None  # base weights from disk again: push adapters/weights anew
+            self.rebuilds += 1
+
     def _run(self, model: Any, prompt_ids: Sequence[Sequence[int]], params: Any) -> list[list[int]]:
         from vllm.inputs import TokensPrompt
 
+        self._alive()
         lora = self._follow(model)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                  lora_request=lora, use_tqdm=False)
@@ -261,7 +281,7 @@ def use_backend(method: str, lm: LoadedModel, cfg: RunConfig) -> str:
     # A later method loads the same base weights afresh: follow the new object, keep the engine (same weights).
     engine.base, engine.tokenizer = lm.model, lm.tokenizer
     engine._lora = None
-    engine._full = _fast_key(list(lm.model.state_dict().values()))  # the engine holds these base weights (untrained)
+    engine._full = _checksum(list(lm.model.state_dict().values()))  # the engine holds these base weights (untrained)
     _ACTIVE = engine
     generation.set_greedy_backend(_greedy)
     return backend
