@@ -11,10 +11,19 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from harness.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    parse_model_args,
+    to_dict,
+)
 from harness.errors import ModelLoadError, NonFiniteLossError
 from harness.methods import METHOD_DESCRIPTIONS, check_methods, method_names
 from harness.sharded import SHARDING_METHODS, unsharded_methods
@@ -24,11 +33,36 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, help="Continual-l
                   "latent memory vs weight updates vs retrieval.", pretty_exceptions_enable=False)
 console = Console(stderr=True)
 USER_ERRORS = (ConfigError, TaskError, ModelLoadError, NonFiniteLossError, FileNotFoundError, ValueError)
+DTYPE_HELP = "fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; fp32 on CPU unless native bf16)."
+DEVICE_HELP = "cpu, cuda or cuda:N."
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    # soft_wrap: one line in a log file (rich would hard-wrap at 80 columns where stderr is not a terminal);
+    # escape: messages name extras as [rl], which rich would read as markup
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"memgen-bench {version('memgen-bench')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Continual-learning benchmark harness: MemGen latent memory vs weight updates vs retrieval."""
+
+
+def model_options(model_args: str | None, chat_template: str | None, system_prompt: str | None,
+                  report_to: str | None) -> dict[str, Any]:
+    """The RunConfig fields of the model/tracking options shared by run and eval (None = not given)."""
+    return {"model_args": parse_model_args(model_args) if model_args else None, "chat_template": chat_template,
+            "system_prompt": system_prompt, "report_to": report_to}
 
 
 def build_config(config: Path | None, options: dict[str, Any], overrides: list[str]) -> RunConfig:
@@ -84,11 +118,17 @@ def run(
     limit: int = typer.Option(None, help="Cap train and test examples per task (smoke runs)."),
     out: str = typer.Option(None, help="Output root (default runs/default)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Folder of local benchmark JSONL files."),
-    dtype: str = typer.Option(None, help="fp32, bf16 or fp16."),
-    device: str = typer.Option(None, help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     config: Path = typer.Option(None, "--config", "-c", help="YAML file with RunConfig fields."),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. train.lr=1e-4."),
     backend: str = typer.Option(None, "--backend", help="Generation backend: hf or vllm (eval.backend)."),
+    model_args: str = typer.Option(None, "--model-args", help="from_pretrained arguments as lm-eval takes them: "
+                                   "revision=...,trust_remote_code=true,attn_implementation=...,device_map=..."),
+    chat_template: str = typer.Option(None, "--chat-template", help="native, chatml, none or a Jinja file."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message before every conversation."),
+    report_to: str = typer.Option(None, "--report-to", help="Tracking: none, tensorboard or wandb (logs under "
+                                  "each run directory)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Re-launch under `accelerate launch` with N "
                                       "processes (data-parallel evaluation, DDP training)."),
     accelerate_config: Path = typer.Option(None, "--accelerate-config", help="With --num-processes: launch with "
@@ -113,9 +153,12 @@ def run(
     try:
         opts = {"sequence": sequence, "model": model, "seed": seed, "limit": limit, "out": out,
                 "data_dir": data_dir, "dtype": dtype, "device": device,
-                "methods": methods.split(",") if methods else None}
+                "methods": methods.split(",") if methods else None,
+                **model_options(model_args, chat_template, system_prompt, report_to)}
         cfg = build_config(config, opts, [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
-        check_methods(cfg.methods)
+        from harness.preflight import preflight
+
+        cfg = preflight(cfg)  # the whole command is valid before anything loads or is written
         tasks = resolve_sequence(cfg.sequence)
     except USER_ERRORS as exc:
         _fail(exc)
@@ -249,17 +292,22 @@ def sweep(
 @app.command("eval")
 def eval_cmd(
     task: list[str] = typer.Option(..., "--task", "-t", help="Task(s) to evaluate."),
-    method: str = typer.Option("vanilla", help="Method whose generate() is used."),
-    checkpoint: Path = typer.Option(None, help="A checkpoint folder written by the method (checkpoints/stageN)."),
-    model: str = typer.Option("smollm2-135m", help="Reasoner model."),
+    method: str = typer.Option(None, help="Method whose generate() is used (default: the checkpoint's run's, "
+                               "else vanilla)."),
+    checkpoint: Path = typer.Option(None, help="A checkpoint folder written by the method (RUN/checkpoints/stageN); "
+                                    "the run's config.json supplies model, dtype, LoRA/full and method options."),
+    model: str = typer.Option(None, help="Reasoner model (default: the checkpoint's run's, else smollm2-135m)."),
     limit: int = typer.Option(None, help="Test examples per task."),
-    seed: int = typer.Option(0, help="Seed of the subsample."),
+    seed: int = typer.Option(None, help="Seed of the subsample (default: the run's, else 0)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Folder of local benchmark JSONL files."),
     out: Path = typer.Option(None, help="Write samples and scores here."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. eval.batch_size=8."),
     backend: str = typer.Option(None, "--backend", help="Generation backend: hf or vllm (eval.backend)."),
+    model_args: str = typer.Option(None, "--model-args", help="from_pretrained arguments (k=v,k=v)."),
+    chat_template: str = typer.Option(None, "--chat-template", help="native, chatml, none or a Jinja file."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message before every conversation."),
 ) -> None:
     """Evaluate one method (optionally restored from a checkpoint) on one or more tasks."""
     from harness.methods import build_method
@@ -269,10 +317,25 @@ def eval_cmd(
     from tasks.registry import get_task
 
     try:
-        cfg = build_config(None, {"model": model, "seed": seed, "data_dir": data_dir, "dtype": dtype,
-                                  "device": device, "methods": [method]},
-                           [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
+        # RUN/checkpoints/stageN -> RUN/config.json: the run's own settings, so nothing is repeated by hand
+        run_cfg = checkpoint.parent.parent / "config.json" if checkpoint is not None else None
+        base = json.loads(run_cfg.read_text()) if run_cfg is not None and run_cfg.is_file() else {}
+        method = method or (base.get("methods") or ["vanilla"])[0]
+        opts = {"model": model, "seed": seed, "data_dir": data_dir, "dtype": dtype, "device": device,
+                "methods": [method], **model_options(model_args, chat_template, system_prompt, None)}
+        data = {k: v for k, v in base.items() if k not in ("out", "report_to")}
+        data.update({k: v for k, v in opts.items() if v is not None})
+        cfg = apply_overrides(from_dict(RunConfig, data),
+                              [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
+        if base:
+            console.print(f"settings of {run_cfg} (model {cfg.model}, dtype {cfg.dtype}, "
+                          f"lora={cfg.train.lora}, method {method})")
+        from harness.preflight import check_method_options, check_model
+
         check_methods([method])
+        check_method_options(cfg)
+        cfg = check_model(cfg)
+        seed = cfg.seed
         tasks = [get_task(t, cfg.data_dir) for t in task]
         lm = load_run_model(cfg)
         m = build_method(method, lm, cfg)
@@ -294,7 +357,7 @@ def eval_cmd(
             if out is not None:
                 atomic_write_jsonl(out / f"{t.name}.samples.jsonl", samples)
         if out is not None:
-            atomic_write_json(out / "eval.json", {"method": method, "model": model, "backend": used,
+            atomic_write_json(out / "eval.json", {"method": method, "model": cfg.model, "backend": used,
                                                   "results": results})
     except USER_ERRORS as exc:
         _fail(exc)
@@ -304,7 +367,8 @@ def eval_cmd(
 @app.command()
 def report(
     dirs: list[Path] = typer.Argument(..., help="Run directories or output roots (sweep roots: ROOT/*/METHOD)."),
-    format: str = typer.Option("md", "--format", "-f", help="csv, latex, md or json (json implies --ci)."),
+    format: str = typer.Option("md", "--format", "-f", help="Output format: csv, latex, md or json (json implies "
+                               "--ci)."),
     matrices: bool = typer.Option(False, help="Also print each run's accuracy matrix."),
     ci: bool = typer.Option(False, "--ci", help="Aggregate runs per method: mean +- 95% bootstrap CI."),
     plots: bool = typer.Option(False, "--plots", help="Write PNG+PDF figures (heatmaps, curves, bars)."),
@@ -496,7 +560,9 @@ def show_config(
     import yaml
 
     try:
-        cfg = build_config(config, {}, overrides or [])
+        from harness.preflight import preflight
+
+        cfg = preflight(build_config(config, {}, overrides or []))  # validated as `run` validates it
         out = to_dict(cfg)
         if "memgen" in cfg.methods:  # every MemGen option, defaults included, validated by its own dataclass
             from harness.memgen.options import resolved_options

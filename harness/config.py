@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
-CHAT_TEMPLATE_NAMES = ("native", "chatml")  # harness.models.chat_templates(); kept here so config needs no torch
+DTYPE_NAMES = ("fp32", "bf16", "fp16", "auto")
+CHAT_TEMPLATE_NAMES = ("native", "chatml", "none")  # harness.models.chat_templates(); kept here so config needs
+# no torch; any other value must be the path of a Jinja chat-template file
+REPORT_TO = ("none", "tensorboard", "wandb")  # harness/tracking.py
 
 
 class ConfigError(ValueError):
@@ -91,7 +93,6 @@ class EvalConfig:
     """Prompts per generation batch."""
     max_new_tokens: int | None = None
     """Override of each task's own generation budget."""
-
     backend: str = "hf"
     """Generation backend: hf (transformers ``generate``) or vllm (one vLLM engine per run for vanilla, sft, grpo,
     reinforce_pp, expel, awm, also their RL rollouts; memgen keeps hf; ``harness/vllm_backend.py``)."""
@@ -104,6 +105,7 @@ class EvalConfig:
     cache_dir: str | None = None
     """Where cached cells live; None = ``<out>/eval-cache`` (a sweep points all its cells at one folder)."""
 
+
 @dataclass(frozen=True)
 class RunConfig:
     """One continual-learning run: a task sequence, methods, a model and a seed."""
@@ -115,10 +117,19 @@ class RunConfig:
     model: str = "smollm2-135m"
     """Reasoner: Hub id, local folder, .gguf file, ``smollm2-135m`` or ``tiny-random``."""
     dtype: str = "fp32"
-    """fp32, bf16 or fp16."""
+    """fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; on CPU bf16 only for a bf16 checkpoint on a CPU
+    with native bf16, else fp32); auto is resolved before the run starts and recorded as the dtype it chose."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Extra ``from_pretrained`` arguments, as lm-eval's ``--model_args``: ``revision``, ``trust_remote_code``
+    (also given to the tokenizer), ``attn_implementation``, ``device_map``, ... (``--model-args k=v,k=v``)."""
     chat_template: str = "native"
-    """Chat template of prompts and targets: ``native`` (the tokenizer's own) or ``chatml`` (the bare ChatML template
-    without a system turn that the MemGen public code forces on every tokenizer; ``harness.models.CHATML``)."""
+    """Chat template of prompts and targets: ``native`` (the tokenizer's own), ``chatml`` (the bare ChatML template
+    without a system turn that the MemGen public code forces on every tokenizer; ``harness.models.CHATML``),
+    ``none`` (no template: the plain message text) or the path of a Jinja template file."""
+    system_prompt: str | None = None
+    """A system message put before every conversation that has none (replacing a template's default one)."""
+    report_to: str = "none"
+    """Experiment tracking: none, tensorboard or wandb (logs under each run directory; ``harness/tracking.py``)."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
     seed: int = 0
@@ -255,6 +266,20 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+def parse_model_args(text: str) -> dict[str, Any]:
+    """``revision=main,trust_remote_code=true`` (lm-eval's ``--model_args``) -> a mapping; values are YAML scalars
+    (``true`` -> True, ``8`` -> 8), so no value may itself hold a comma."""
+    out: dict[str, Any] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-args item {item!r} must look like key=value (e.g. revision=main)")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
@@ -271,9 +296,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def validate(cfg: RunConfig) -> RunConfig:
     if cfg.dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype {cfg.dtype!r} is not valid; use one of {', '.join(DTYPE_NAMES)}")
-    if cfg.chat_template not in CHAT_TEMPLATE_NAMES:
+    if cfg.chat_template not in CHAT_TEMPLATE_NAMES and not Path(cfg.chat_template).is_file():
         raise ConfigError(f"chat_template {cfg.chat_template!r} is not valid; use one of "
-                          f"{', '.join(CHAT_TEMPLATE_NAMES)}")
+                          f"{', '.join(CHAT_TEMPLATE_NAMES)} or the path of a Jinja template file")
+    if cfg.report_to not in REPORT_TO:
+        raise ConfigError(f"report_to {cfg.report_to!r} is not valid; use one of {', '.join(REPORT_TO)}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device {cfg.device!r} is not valid; use cpu, cuda or cuda:N")
     for key, val in (("train.batch_size", cfg.train.batch_size), ("eval.batch_size", cfg.eval.batch_size),
@@ -291,8 +318,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.rl.reference not in REFERENCES or cfg.rl.kl_coef < 0:
         raise ConfigError(f"rl.reference {cfg.rl.reference!r} / rl.kl_coef {cfg.rl.kl_coef}: use init or task_start "
                           f"and a kl_coef >= 0")
+    if cfg.eval.backend not in ("hf", "vllm"):
+        raise ConfigError(f"eval.backend {cfg.eval.backend!r} is not valid; use hf or vllm")
     if not cfg.methods:
         raise ConfigError("methods is empty; name at least one (see `memgen-bench methods`)")
     return cfg
-    if cfg.eval.backend not in ("hf", "vllm"):
-        raise ConfigError(f"eval.backend {cfg.eval.backend!r} is not valid; use hf or vllm")

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -95,9 +96,10 @@ def smollm2_folder() -> Path:
     return target
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``name`` (left padding, pad = EOS when it has none); ``kwargs`` go to ``from_pretrained``."""
     path = smollm2_folder() if name in BUILTIN_MODELS else name
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), **({} if name in BUILTIN_MODELS else kwargs))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -126,41 +128,125 @@ def tiny_random_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden:
     return model
 
 
-def apply_chat_template_choice(tok: PreTrainedTokenizerBase, choice: str) -> None:
-    """Set the tokenizer's chat template: ``native`` keeps its own, ``chatml`` forces ``CHATML``."""
+def with_system_prompt(template: str, system_prompt: str) -> str:
+    """``template`` with ``system_prompt`` as the first message of every conversation that has no system message
+    (a template's own default system prompt is then never used). The prompt enters as a Jinja string literal:
+    ``json.dumps`` escapes (ASCII, backslash escapes) are what Jinja's lexer decodes."""
+    import json
+
+    lit = json.dumps(system_prompt, ensure_ascii=True)
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + lit + "}] + messages -%}"
+            "{%- endif -%}" + template)
+
+
+def apply_chat_template_choice(tok: PreTrainedTokenizerBase, choice: str, system_prompt: str | None = None) -> None:
+    """Set the tokenizer's chat template: ``native`` keeps its own, ``chatml`` forces ``CHATML``, ``none`` removes
+    it (prompts are the plain message text), any other value is read as a Jinja template file. ``system_prompt``
+    is then put before every conversation without a system message."""
     if choice == "chatml":
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.get_vocab()]
         if missing:
             raise ModelLoadError(f"chat_template=chatml: the tokenizer has no {missing[0]} token; use "
                                  f"chat_template=native for this model")
         tok.chat_template = CHATML
+    elif choice == "none":
+        tok.chat_template = None
     elif choice != "native":
-        raise ModelLoadError(f"chat_template {choice!r} is not valid; use native or chatml")
+        path = Path(choice)
+        if not path.is_file():
+            raise ModelLoadError(f"chat_template {choice!r} is not valid; use native, chatml, none or the path of "
+                                 f"a Jinja template file")
+        tok.chat_template = path.read_text(encoding="utf-8")
+    if system_prompt:
+        if not getattr(tok, "chat_template", None):
+            raise ModelLoadError("system_prompt needs a chat template (this tokenizer has none, or "
+                                 "chat_template=none); put the text in the task's prompt instead")
+        tok.chat_template = with_system_prompt(tok.chat_template, system_prompt)
 
 
-def chat_template_record(tok: PreTrainedTokenizerBase, choice: str) -> dict[str, str | None]:
-    """What results store about the template: the choice, its version and the sha256 of the template text."""
+def chat_template_record(tok: PreTrainedTokenizerBase, choice: str, system_prompt: str | None = None) -> dict[str, Any]:
+    """What results store about the template: the choice, its version, the sha256 of the template text (the
+    system prompt, when set, is inside it), the system prompt and the tokenizer's special tokens."""
     import hashlib
 
     text = getattr(tok, "chat_template", None)
-    return {"choice": choice, "version": CHATML_VERSION if choice == "chatml" else None,
-            "sha256": hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None}
+    version = CHATML_VERSION if choice == "chatml" else ("file" if choice not in ("native", "none") else None)
+    return {"choice": choice, "version": version,
+            "sha256": hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None,
+            "system_prompt": system_prompt,
+            "special_tokens": {name: {"token": tok_text, "id": tok.convert_tokens_to_ids(tok_text)}
+                               for name, tok_text in sorted(tok.special_tokens_map.items())
+                               if isinstance(tok_text, str)}}
+
+
+def _split_model_args(model_args: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model kwargs, tokenizer kwargs) of ``--model-args``: the tokenizer takes only what concerns its files."""
+    model_kw = dict(model_args or {})
+    tok_kw = {k: model_kw[k] for k in ("revision", "trust_remote_code", "subfolder", "token") if k in model_kw}
+    return model_kw, tok_kw
+
+
+def checkpoint_dtype(name: str, model_args: dict[str, Any] | None = None) -> str:
+    """The dtype the checkpoint's config declares (fp32 when it declares none), from a cheap config load."""
+    if name in BUILTIN_MODELS or name.endswith(".gguf"):
+        return "fp32"  # the built-ins and dequantised GGUFs are fp32 weights
+    from transformers import AutoConfig
+
+    model_kw, _ = _split_model_args(model_args)
+    conf_kw = {k: v for k, v in model_kw.items() if k in ("revision", "trust_remote_code", "subfolder", "token")}
+    try:
+        conf = AutoConfig.from_pretrained(name, **conf_kw)
+    except Exception as exc:  # noqa: BLE001 - one line naming the model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"model {name!r} did not load ({type(exc).__name__}: {first[:200]}); pass a Hub id, "
+                             f"a local folder with config.json, a .gguf file, or one of {', '.join(BUILTIN_MODELS)}"
+                             ) from exc
+    dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+    dt = str(dt).removeprefix("torch.") if dt is not None else "float32"
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dt, "fp32")
+
+
+def resolve_auto_dtype(name: str, device: str, model_args: dict[str, Any] | None = None) -> str:
+    """``dtype=auto``: the checkpoint's dtype on GPU; on CPU bf16 only for a bf16 checkpoint on a CPU with native
+    bf16 kernels (fp16 and emulated bf16 are slow or unsupported on CPU), else fp32."""
+    ckpt = checkpoint_dtype(name, model_args)
+    if device != "cpu":
+        return ckpt
+    native_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return "bf16" if ckpt == "bf16" and native_bf16 else "fp32"
+
+
+def model_record(lm: LoadedModel, dtype: str, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Provenance of the loaded reasoner for meta.json: name, Hub commit (when it came from the Hub), dtype, the
+    ``from_pretrained`` arguments and the size."""
+    conf = lm.model.config
+    return {"name": lm.name, "commit": getattr(conf, "_commit_hash", None), "dtype": dtype,
+            "torch_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+            "model_args": dict(model_args or {}), "architecture": (getattr(conf, "architectures", None) or [None])[0],
+            "parameters": sum(p.numel() for p in lm.model.parameters())}
 
 
 def load_run_model(cfg) -> LoadedModel:  # noqa: ANN001 - a RunConfig (no import: config must not need torch)
-    """The run's reasoner as its config asks: model, dtype, device, seed and chat template."""
-    return load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed, chat_template=cfg.chat_template)
+    """The run's reasoner as its config asks: model, dtype, device, seed, ``from_pretrained`` arguments, chat
+    template and system prompt."""
+    return load_model(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed, chat_template=cfg.chat_template,
+                      model_args=getattr(cfg, "model_args", None), system_prompt=getattr(cfg, "system_prompt", None))
 
 
 def load_model(
-    name: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", seed: int = 0, chat_template: str = "native"
+    name: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", seed: int = 0, chat_template: str = "native",
+    model_args: dict[str, Any] | None = None, system_prompt: str | None = None,
 ) -> LoadedModel:
     """Load ``name`` (a built-in name, Hub id, local folder or ``.gguf`` file) in eval mode, with the chat
     template ``chat_template`` (``native`` or ``chatml``).
 
     Raises ``ModelLoadError`` with a one-line message naming the model on any failure.
     """
+    if dtype == "auto":
+        dtype = resolve_auto_dtype(name, device, model_args)
     torch_dtype = resolve_dtype(dtype)
+    model_kw, tok_kw = _split_model_args(model_args)
     # A ZeRO-3 Trainer of an earlier method in this process registered its DeepSpeed config globally, and
     # from_pretrained would then build this model partitioned (deepspeed.zero.Init), without the engine hooks that
     # gather it for a forward: the evaluation before training would crash. Models load whole, as under DDP; the
@@ -185,8 +271,8 @@ def load_model(
                 tok.pad_token = tok.eos_token
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch_dtype)
         else:
-            tok = load_tokenizer(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            tok = load_tokenizer(name, **tok_kw)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **model_kw)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear line
@@ -195,7 +281,8 @@ def load_model(
             f"model {name!r} did not load ({type(exc).__name__}: {first[:200]}); pass a Hub id, a local folder "
             f"with config.json, a .gguf file, or one of {', '.join(BUILTIN_MODELS)}"
         ) from exc
-    model = model.to(device=device, dtype=torch_dtype)
+    if "device_map" not in model_kw:  # with a device_map accelerate has placed the weights already
+        model = model.to(device=device, dtype=torch_dtype)
     if model.generation_config is not None:
         # Greedy decoding everywhere unless a caller asks otherwise; silence sampling-param warnings.
         model.generation_config.do_sample = False
@@ -203,6 +290,6 @@ def load_model(
         model.generation_config.top_p = None
         model.generation_config.top_k = None
         model.generation_config.pad_token_id = tok.pad_token_id
-    apply_chat_template_choice(tok, chat_template)
+    apply_chat_template_choice(tok, chat_template, system_prompt)
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, name=name)

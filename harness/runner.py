@@ -23,15 +23,23 @@ from harness.config import ConfigError, RunConfig, to_dict
 from harness.distributed import barrier, is_main, map_sharded
 from harness.generation import stop_token_ids
 from harness.methods import Method, build_method
-from harness.models import LoadedModel, chat_template_record, load_run_model
+from harness.models import LoadedModel, chat_template_record, load_run_model, model_record
 from harness.seeding import derive_seed, set_seed
-from harness.store import atomic_dir, atomic_write_json, atomic_write_jsonl, read_json, run_metadata
+from harness.store import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    hardware_record,
+    read_json,
+    run_metadata,
+)
+from harness.tracking import RunTracker
 from harness.vllm_backend import fallback_note, record_backend, use_backend
 from tasks.base import Example, Task
 from tasks.registry import get_task, resolve_sequence
 
 # Keys of the config that may change between a run and its resumption without changing its results.
-RESUME_NEUTRAL = {"out", "methods", "eval.batch_size"}
+RESUME_NEUTRAL = {"out", "methods", "eval.batch_size", "report_to"}
 
 
 @dataclass
@@ -126,9 +134,15 @@ def write_matrix_files(run_dir: Path, task_names: Sequence[str], extra: dict[str
     return summary
 
 
+def holds_results(run_dir: Path) -> bool:
+    """Whether the directory holds a finished cell or checkpoint: only then is it a run another config may not
+    reuse (a command that failed before its first cell leaves nothing to protect)."""
+    return next((run_dir / "cells").glob("r*_*.json"), None) is not None or completed_stage(run_dir) > 0
+
+
 def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.exists() or not holds_results(run_dir):
         return
     old, new = read_json(path), to_dict(cfg)
 
@@ -181,11 +195,56 @@ def run_method(
     barrier()
 
     lm = model or load_run_model(cfg)
-    if main:  # the prompts' chat template (choice, version, hash) beside the other provenance
+    if main:  # model, template, data and hardware beside the other provenance (kept from the first start)
         meta = json.loads((run_dir / "meta.json").read_text())
-        if "chat_template" not in meta:
-            meta["chat_template"] = chat_template_record(lm.tokenizer, cfg.chat_template)
+        if "hardware" not in meta:
+            meta.update(provenance(cfg, lm, tasks, meta))
             atomic_write_json(run_dir / "meta.json", meta)
+    tracker = RunTracker(cfg.report_to if main else "none", run_dir, f"{Path(cfg.out).name}-{method_name}", cfg_dict)
+    try:
+        return _run_stages(method_name, cfg, run_dir, lm, tasks, task_names, tracking(notify, tracker), tracker)
+    finally:
+        tracker.close()
+
+
+def provenance(cfg: RunConfig, lm: LoadedModel, tasks: Sequence[Task], meta: dict[str, Any]) -> dict[str, Any]:
+    """What meta.json adds once the model is loaded: the model (commit, dtype, arguments), its chat template and
+    special tokens, each task's data source per split and the hardware (``harness.store.hardware_record``)."""
+    data = {}
+    for t in tasks:
+        source = getattr(t, "data_source", None)
+        data[t.name] = {s: source(s) for s in ("train", "test")} if source else {"kind": type(t).__name__}
+    out = {"model": model_record(lm, cfg.dtype, cfg.model_args), "data": data, "hardware": hardware_record()}
+    if "chat_template" not in meta:
+        out["chat_template"] = chat_template_record(lm.tokenizer, cfg.chat_template, cfg.system_prompt)
+    return out
+
+
+def tracking(notify: Callable[[str, dict[str, Any]], None],
+             tracker: RunTracker) -> Callable[[str, dict[str, Any]], None]:
+    """``notify`` that also logs each step's loss and each cell (accuracy, tokens/s) to the run's tracker."""
+    def event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "train_step" and info.get("loss") is not None:
+            phase = f"{info['phase']}_" if info.get("phase") else ""
+            tracker.log({f"train/{info['task']}/{phase}loss": float(info["loss"])}, int(info["step"]))
+        elif kind == "eval_end":
+            values = {f"eval/{info['task']}/accuracy": info["accuracy"], f"eval/{info['task']}/seconds": info["seconds"]}
+            if info.get("generated_tokens") is not None and info["seconds"] > 0:
+                values[f"eval/{info['task']}/tokens_per_s"] = info["generated_tokens"] / info["seconds"]
+            tracker.log(values, int(info["row"]))
+        elif kind == "train_end":
+            tracker.log_stage(info["task"], int(info["stage"]), info)
+        notify(kind, info)
+
+    return event
+
+
+def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel, tasks: list[Task],
+                task_names: list[str], notify: Callable[[str, dict[str, Any]], None],
+                tracker: RunTracker) -> dict[str, Any]:
+    """The matrix of one method, stage by stage, from wherever the run directory stopped."""
+    main = is_main()
+    T = len(tasks)
     set_seed(derive_seed(cfg.seed, "init"))
     method = build_method(method_name, lm, cfg)
     backend = use_backend(method_name, lm, cfg)  # hf or vllm (harness/vllm_backend.py), recorded with each cell
@@ -250,17 +309,29 @@ def run_method(
                 result, samples = evaluate(method, task, examples, budget, lm.tokenizer)
                 if key and main:
                     eval_cache.store(_cache_root(cfg), key, result.__dict__, samples)
+            generated = sum(len(ids) for ids in lm.tokenizer([s["completion"] for s in samples])["input_ids"])
             if main:
                 atomic_write_jsonl(run_dir / "samples" / f"{cell_name(stage, task.name)}.jsonl", samples)
                 atomic_write_json(cell, {"row": stage, "task": task.name, "task_version": task.version,
                                          "backend": backend, **result.__dict__,
+                                         "generation": generation_record(lm, task, budget),
                                          **({"cache_key": key, "cached": hit is not None} if key else {})})
             barrier()
-            notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__})
+            notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__,
+                                "generated_tokens": generated})
         if main:
             write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
         barrier()
-    return summarize_run(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+    summary = summarize_run(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+    tracker.log_summary(summary, T)
+    return summary
+
+
+def generation_record(lm: LoadedModel, task: Task, budget: int) -> dict[str, Any]:
+    """The generation settings of a cell: token budget, stop tokens, stop strings, greedy decoding."""
+    return {"max_new_tokens": budget, "do_sample": False, "temperature": 0.0,
+            "stop_token_ids": stop_token_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)),
+            "until": list(getattr(getattr(task, "definition", None), "until", []) or [])}
 
 
 def _cache_root(cfg: RunConfig) -> Path:

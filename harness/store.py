@@ -3,8 +3,11 @@
 Layout of one method's run directory::
 
     config.json          resolved RunConfig
-    meta.json            seeds, package versions, task versions, git commit, host, command line
-    cells/r{row}_{task}.json     one matrix cell: accuracy (percent), n, correct, seconds
+    meta.json            seeds, package versions, task versions, git commit, host, command line; the model
+                         (Hub commit, dtype, from_pretrained args), the chat template (choice, sha256, system
+                         prompt, special tokens), each task's data source (file sha256 or Hub id + revision),
+                         the hardware (torch.utils.collect_env)
+    cells/r{row}_{task}.json     one matrix cell: accuracy (percent), n, correct, seconds, generation settings
     samples/r{row}_{task}.jsonl  every evaluated sample: prompt, completion, extracted (the answer the task's
                                  filter found), extract_rule (which of its rules matched), gold, score
     train/stage{i}.json          training statistics of stage i (loss curve, seconds)
@@ -103,6 +106,22 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def hardware_record() -> dict[str, Any]:
+    """The machine a run used, from ``torch.utils.collect_env`` (what PyTorch's bug template asks for): GPUs,
+    CUDA compile/runtime and driver versions, cuDNN, OS and the CPU model (about 2 s, once per run)."""
+    try:
+        from torch.utils import collect_env
+
+        env = collect_env.get_env_info()
+    except Exception as exc:  # noqa: BLE001 - provenance must never stop a run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    cpu = next((line.split(":", 1)[1].strip() for line in (env.cpu_info or "").splitlines()
+                if line.startswith("Model name")), None)
+    keys = ("torch_version", "cuda_compiled_version", "cuda_runtime_version", "nvidia_driver_version",
+            "nvidia_gpu_models", "cudnn_version", "is_cuda_available", "os", "libc_version", "python_platform")
+    return {**{k: getattr(env, k, None) for k in keys}, "cpu_model": cpu, "cpu_count": os.cpu_count()}
 
 
 def run_metadata(seeds: dict[str, int], task_versions: dict[str, str]) -> dict[str, Any]:

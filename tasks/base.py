@@ -219,11 +219,12 @@ class DefinedTask:
         return rows, f"hf://{d.hub}/{stem}"
 
     def local_path(self, split: str) -> Path | None:
-        """The local JSONL file of ``split``, or None where the Hub serves it: no data root, no local layout, or a
-        data root without this task's folder while the task has a Hub id (the Hub is the fallback)."""
+        """The local JSONL file of ``split``, or None where the Hub serves it: no data root, no local layout, or an
+        existing data root without this task's folder while the task has a Hub id (the Hub is the fallback; a
+        data root that does not exist is an error, not a fallback)."""
         d = self.definition
         root = data_dir(self._data_root)
-        if root is None or d.local is None or (d.hub is not None and not (root / d.local).is_dir()):
+        if root is None or d.local is None or (d.hub is not None and root.is_dir() and not (root / d.local).is_dir()):
             return None
         return root / d.local / f"{d.local_splits.get(split, d.splits[split])}.jsonl"
 

@@ -65,7 +65,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     summary = json.loads((full / "sft" / "summary.json").read_text())
     assert summary["complete"] and set(summary) >= {"acc", "bwt", "fwt", "forgetting", "learning_acc", "retention"}
     meta = json.loads((full / "sft" / "meta.json").read_text())
-    assert meta["seeds"]["master"] == 3 and meta["task_versions"] == {"arith": "1", "reverse": "1", "choice": "2"}
+    assert meta["seeds"]["master"] == 3 and meta["task_versions"] == {"arith": "1", "reverse": "1", "choice": "3"}
     assert meta["packages"]["torch"] and "commit" in meta["git"]
     header = (full / "sft" / "matrix.csv").read_text().splitlines()
     assert header[0] == "after,arith,reverse,choice" and [h.split(",")[0] for h in header[1:]] == [
@@ -79,6 +79,8 @@ def test_changed_config_refuses_to_resume(tmp_path):
     out = tmp_path / "o"
     (out / "vanilla").mkdir(parents=True)
     (out / "vanilla" / "config.json").write_text(json.dumps({"seed": 99}))
+    (out / "vanilla" / "cells").mkdir()  # a finished cell: only then is the directory another run's
+    (out / "vanilla" / "cells" / "r0_arith.json").write_text(json.dumps({"accuracy": 0.0}))
     r = subprocess.run(cli("run", "--model", "tiny-random", "--sequence", "arith", "--methods", "vanilla",
                            "--limit", "2", "--out", str(out)), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "different config" in r.stderr
