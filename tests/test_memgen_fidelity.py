@@ -261,3 +261,24 @@ def test_options_reject_bad_aggregation_and_fraction():
     for bad in ({"grpo_aggregation": "bnpo2"}, {"trigger_rate": "x"}, {"trigger_train_fraction": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             dataclasses.replace(MemGenOptions(), **bad).check()
+
+
+@pytest.mark.slow
+def test_stage_records_its_budget_over_every_phase(tiny):
+    from harness.config import RunConfig, from_dict
+    from harness.memgen.method import MemGen
+    from tasks.registry import get_task
+
+    cfg = from_dict(RunConfig, {"model": "tiny-random", "train": {"max_steps": 2, "batch_size": 2},
+                                "eval": {"max_new_tokens": 6}})
+    m = MemGen(tiny(0), cfg, {"k_prompt": 2, "k_infer": 2, "lora_r": 4, "weaver_train": "sft+grpo",
+                              "grpo_steps": 1, "grpo_group": 2, "trigger": "trained", "trigger_steps": 1,
+                              "trigger_group": 2})
+    task = get_task("arith")
+    stats = m.train_on_task(task, task.load("train", limit=4), 1)
+    assert stats["optimizer_steps"] == 2 + 1 + 1  # weaver SFT, weaver GRPO, trigger
+    assert 2 <= stats["examples_seen"] <= 4
+    assert stats["generated_tokens"] >= 2 * 2  # two phases decoded 2 rollouts of >= 1 token each
+    assert stats["train_tokens"] > stats["generated_tokens"]  # SFT rows and GRPO prompts are counted too
+    weaver = sum(p.numel() for p in m.mm.weaver_parameters())
+    assert stats["trainable_params"] == weaver + sum(p.numel() for p in m.trigger.parameters_to_train())

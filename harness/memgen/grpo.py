@@ -237,7 +237,8 @@ def weaver_grpo_step(
     optimizer.step()
     scheduler.step()
     return {"loss": total, "reward": float(rewards.mean()), "insertions": sum(i for _, _, i in every) / n_rows,
-            "length": sum(lengths) / n_rows}
+            "length": sum(lengths) / n_rows, "generated": sum(lengths),
+            "tokens": sum(lengths) + sch.group * sum(len(p) for p in prompt_ids)}
 
 
 def train_weaver_grpo(
@@ -257,6 +258,8 @@ def train_weaver_grpo(
     gen = torch.Generator(device=mm.embed.weight.device).manual_seed(rank_seed(sch.seed))  # per process
     order: list[int] = []
     stats: dict[str, list[float]] = {"losses": [], "rewards": [], "insertions": []}
+    seen: set[int] = set()
+    generated = tokens = 0
     t0 = time.perf_counter()
     for step in range(sch.steps):
         if len(order) < sch.prompts_per_step:
@@ -266,10 +269,14 @@ def train_weaver_grpo(
         idx, order = order[: sch.prompts_per_step], order[sch.prompts_per_step :]
         st = weaver_grpo_step(mm, task, [examples[i] for i in idx], [prompts[i] for i in idx], is_delim, sch, opt,
                               lr_sched, gen, label)
+        seen.update(idx)
+        generated += int(st["generated"])
+        tokens += int(st["tokens"])
         stats["losses"].append(st["loss"])
         stats["rewards"].append(st["reward"])
         stats["insertions"].append(st["insertions"])
         if on_step is not None:  # progress: on_step(step, total steps, loss)
             on_step(step + 1, sch.steps, st["loss"])
     check_in_sync(mm.weaver_parameters(), label)
-    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats}
+    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats, "examples": sorted(seen),
+            "optimizer_steps": sch.steps, "train_tokens": tokens, "generated_tokens": generated}

@@ -182,7 +182,22 @@ class MemGen:
             self.trigger_trained = True
         stats["seconds"] = sum(float(v.get("seconds", 0.0)) for v in (stats, stats.get("grpo", {}),
                                                                     stats.get("trigger", {})))
+        stats.update(self._budget(stats))
         return stats
+
+    def _budget(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The stage's budget keys (``harness/budget.py``) summed over its phases (weaver SFT, GRPO, trigger)."""
+        phases = [p for p in (stats, stats.get("grpo"), stats.get("trigger")) if isinstance(p, dict) and "steps" in p]
+        seen: set[int] = set()
+        for p in phases:
+            seen.update(p.pop("examples", []))
+        weaver = sum(p.numel() for p in self.mm.weaver_parameters())
+        trigger = stats.get("trigger", {}).get("trainable_params", 0) if isinstance(stats.get("trigger"), dict) else 0
+        return {"examples_seen": len(seen),
+                "optimizer_steps": sum(int(p.get("optimizer_steps", 0)) for p in phases),
+                "train_tokens": sum(int(p.get("train_tokens", 0)) for p in phases),
+                "generated_tokens": sum(int(p.get("generated_tokens", 0)) for p in phases),
+                "trainable_params": weaver + trigger}
 
     def generate(self, task: Task, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
         with self.for_task(task):

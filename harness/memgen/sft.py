@@ -199,6 +199,8 @@ def train_weaver(
     device = mm.embed.weight.device
     points = [delimiter_points(t, is_delim, n_points) for _, t in rows]
     losses: list[float] = []
+    seen: set[int] = set()
+    tokens = 0  # prompt + target tokens through a forward with gradients, over every step and process
     t0 = time.perf_counter()
     # Only the weaver's LoRA dropout trains; the reasoner's modules stay in eval mode (deterministic, frozen).
     with mm.weaver_dropout(True):
@@ -208,6 +210,8 @@ def train_weaver(
                 rng.shuffle(more)
                 order += more
             idx, order = order[: sch.batch_size], order[sch.batch_size :]
+            seen.update(idx)
+            tokens += sum(len(rows[i][0]) + len(rows[i][1]) for i in idx)
             # Under a launch: this process's rows of the global batch, its loss weighted by its share of the
             # batch's target tokens, gradients summed (= the single-process token mean; harness.distributed).
             n_all = sum(len(rows[i][1]) for i in idx)
@@ -237,4 +241,5 @@ def train_weaver(
             if on_step is not None:  # progress: on_step(step, total steps, loss)
                 on_step(step + 1, sch.steps, total)
     check_in_sync(params, label)
-    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, "losses": losses}
+    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, "losses": losses, "examples": sorted(seen),
+            "optimizer_steps": sch.steps, "train_tokens": tokens, "generated_tokens": 0}

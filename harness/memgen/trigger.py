@@ -134,6 +134,8 @@ class TriggerRecorder:
     """The LoRA trigger's KV cache over the reasoner states of this batch (created on the first ``observe``)."""
     delimiters: list[int] = field(default_factory=list)
     """Per row, every delimiter generated (asked or not; set by ``decode_with``): the paper's rate denominator."""
+    lengths: list[int] = field(default_factory=list)
+    """Per row, the generated tokens up to and including the stop token (set by ``decode_with``)."""
 
     @property
     def _lora(self) -> bool:
@@ -278,6 +280,8 @@ def decode_with(mm: MemGenModel, rec: TriggerRecorder, prompts: Sequence[Sequenc
                           delimiters=is_delim, temperature=0.0, eos_token_ids=mm.stop_ids(),
                           trigger_prompt=trigger_prompt)
     rec.delimiters = [n + int(trigger_prompt) for n in out.delimiters]  # the prompt is one more decision point
+    stops = set(mm.stop_ids())
+    rec.lengths = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in out.sequences.tolist()]
     return [tok.decode(s, skip_special_tokens=True) for s in out.sequences]
 
 
@@ -314,6 +318,8 @@ def train_trigger(
     gen = torch.Generator(device=mm.embed.weight.device).manual_seed(rank_seed(sch.seed))  # per process
     order: list[int] = []
     stats: dict[str, list[float]] = {"losses": [], "rewards": [], "insert_rate": []}
+    seen: set[int] = set()
+    generated = tokens = 0
     t0 = time.perf_counter()
     lora = isinstance(head, TriggerLM)
     for step in range(sch.steps):
@@ -324,6 +330,7 @@ def train_trigger(
         idx, order = order[: sch.prompts_per_step], order[sch.prompts_per_step :]
         rec = TriggerRecorder(head, policy="sample", generator=gen)
         rows = [prompts[i] for i in idx for _ in range(sch.group)]
+        seen.update(idx)
         # Under a launch this process decodes its rank_slice of the rollouts (no collective while decoding); the
         # rewards and decisions are gathered so that the sparsity penalty and advantages span whole groups, and
         # the trigger's gradients are summed over the processes (harness.distributed).
@@ -334,17 +341,21 @@ def train_trigger(
             head.set_adapter_trainable(True)  # off outside trigger training, so the weaver never lists it
         try:
             opt.zero_grad(set_to_none=True)
-            local: list[tuple[float, list[int], int]] = []
+            local: list[tuple[float, list[int], int, int]] = []
             if len(mine):
                 logits, dec_l, mask_l = rec.decision_logits(len(mine))  # (B_l, J, 2), (B_l, J), (B_l, J)
-                local = [(float(task.score(t, examples[idx[b // sch.group]])), d[m.bool()].tolist(), n)
-                         for b, t, d, m, n in zip(mine, texts, dec_l.cpu(), mask_l.cpu(), rec.delimiters, strict=True)]
-            every = gather_rows(mine, local, len(rows))  # (reward, decisions, delimiters) of every rollout
-            rewards = torch.tensor([r for r, _, _ in every])  # (B,)
-            width = max([len(d) for _, d, _ in every] + [1])
-            dec = torch.tensor([d + [0] * (width - len(d)) for _, d, _ in every], dtype=torch.long)  # (B, J)
-            mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for _, d, _ in every], dtype=torch.long)
-            totals = torch.tensor([n for _, _, n in every]) if sch.rate == "delimiters" else None  # (B,)
+                local = [(float(task.score(t, examples[idx[b // sch.group]])), d[m.bool()].tolist(), n, g)
+                         for b, t, d, m, n, g in zip(mine, texts, dec_l.cpu(), mask_l.cpu(), rec.delimiters,
+                                                     rec.lengths, strict=True)]
+            every = gather_rows(mine, local, len(rows))  # (reward, decisions, delimiters, length) of every rollout
+            rewards = torch.tensor([r for r, _, _, _ in every])  # (B,)
+            width = max([len(d) for _, d, _, _ in every] + [1])
+            dec = torch.tensor([d + [0] * (width - len(d)) for _, d, _, _ in every], dtype=torch.long)  # (B, J)
+            mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for _, d, _, _ in every], dtype=torch.long)
+            totals = torch.tensor([n for _, _, n, _ in every]) if sch.rate == "delimiters" else None  # (B,)
+            generated += sum(g for _, _, _, g in every)
+            if lora:  # the LoRA trigger re-reads prompt + completion with gradients (the head trigger: no LM pass)
+                tokens += sum(g for _, _, _, g in every) + sum(len(r) for r in rows)
             shaped = rl.sparsity_shaped_rewards(rewards, dec, mask, sch.group, sch.lam, totals)  # (B,)
             adv = rl.group_advantages(shaped, sch.group, sch.scale)  # type: ignore[arg-type]
             local_loss = 0.0
@@ -374,7 +385,9 @@ def train_trigger(
         stats["rewards"].append(float(rewards.mean()))
         stats["insert_rate"].append(float((dec * mask).sum() / mask.sum().clamp(min=1)))
     check_in_sync(params, label)
-    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats}
+    return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats, "examples": sorted(seen),
+            "optimizer_steps": sch.steps, "train_tokens": tokens, "generated_tokens": generated,
+            "trainable_params": sum(p.numel() for p in params)}
 
 
 def evaluate_trigger(
