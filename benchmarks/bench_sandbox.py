@@ -7,7 +7,7 @@ Configurations, interleaved round by round so the shared machine's noise hits th
 - ``bare x2``: the same test programs as plain ``python -c`` subprocesses with 2 workers, no containment at all
   (the cost of the containment).
 
-Usage: ``python benchmarks/bench_sandbox.py [--rounds 2] [--limit N] [--data-dir ../shared/data]``
+Usage: ``python benchmarks/bench_sandbox.py [--rounds 2] [--limit N] [--data-dir ../shared/data] [--timeout-s 10]``
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="HumanEval problems (default all 164)")
     ap.add_argument("--data-dir", default=os.environ.get("MEMGEN_BENCH_DATA", "../shared/data"))
+    ap.add_argument("--timeout-s", type=float, default=10.0,
+                    help="wall-clock limit per program; raise it on a busy machine, where a canonical solution can "
+                         "otherwise time out and abort the run")
     args = ap.parse_args()
 
     task = get_task("humaneval", args.data_dir)
@@ -46,7 +49,7 @@ def main() -> None:
     n = len(programs)
     print(f"isolation: {detect_isolation().mode} ({detect_isolation().reason}); {n} programs; "
           f"{os.cpu_count()} CPUs; {args.rounds} rounds")
-    limits = SandboxLimits()
+    limits = SandboxLimits(timeout_s=args.timeout_s, cpu_s=10)
     sb2, sb1 = Sandbox(limits, workers=2), Sandbox(limits, workers=1)
     pool = ThreadPoolExecutor(max_workers=2)
     times: dict[str, list[float]] = {"sandbox x2": [], "sandbox x1": [], "bare x2": []}
