@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from tasks.base import TaskError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Continual-learning benchmark harness: MemGen "
                   "latent memory vs weight updates vs retrieval.", pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log files get whole lines, not lines hard-wrapped at 80 columns
 USER_ERRORS = (ConfigError, TaskError, ModelLoadError, NonFiniteLossError, FileNotFoundError, ValueError)
 DTYPE_HELP = "fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; fp32 on CPU unless native bf16)."
 DEVICE_HELP = "cpu, cuda or cuda:N."
@@ -160,6 +161,10 @@ def run(
 
         cfg = preflight(cfg)  # the whole command is valid before anything loads or is written
         tasks = resolve_sequence(cfg.sequence)
+        from harness.runner import _check_resumable
+
+        for name in cfg.methods:  # an --out that holds another config's results is refused now, not mid-way
+            _check_resumable(Path(cfg.out) / name, dataclasses.replace(cfg, methods=(name,)))
     except USER_ERRORS as exc:
         _fail(exc)
     if num_processes > 1 and not launched():  # after validation: a bad option fails here, not in N processes
@@ -392,6 +397,10 @@ def report(
 
         if warning := mixed_backend_warning(dirs):
             console.print(warning)
+        from harness.provenance import provenance_warnings
+
+        for line in provenance_warnings(find_runs(dirs)):  # model, template, data, generation, hardware
+            console.print(escape(line), soft_wrap=True)
         if ci or plots or out is not None or format == "json" or compare:
             from harness.analysis import tables
 

