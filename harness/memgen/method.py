@@ -33,7 +33,7 @@ Departures from the paper (MemGen, arXiv 2509.24704) and its public code:
   during that call's prefill from the history as it is now (the paper's agent keeps them from the earlier turns;
   the reasoner's context holds the same text, and the turn's own decoding-time latents are not replayed).
   A turn start inside a token puts the latents after that token. Weaver SFT on expert turns weaves the same way.
-- Retrieval for the weaver (``retrieval_k > 0``; ``harness/memgen/retrieval.py``; issue 5, our design, the paper
+- Retrieval for the weaver (``retrieval_k > 0``; ``harness/memgen/retrieval.py``; our design, the paper
   only notes the weaver can take textual cues): the weaver first reads the token embeddings of the top-k gold
   solutions (question + gold target) of the train splits trained so far, retrieved by the question (dense or
   BM25); the reasoner's prompt is unchanged. The store is saved with every stage's checkpoint; SFT retrieval

@@ -1,4 +1,4 @@
-"""MemGen with retrieval (issue 5): the weaver reads retrieved solved examples before the reasoner's states.
+"""MemGen with retrieval: the weaver reads retrieved solved examples before the reasoner's states.
 
 The paper notes the weaver can also take textual cues from a retriever. With ``retrieval_k > 0`` a store holds
 the gold solutions (question + gold target) of the train split of every task trained so far, in a

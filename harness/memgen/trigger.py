@@ -12,7 +12,7 @@ per group (``harness.rl.group_advantages``); the loss is -A * log pi(d) over the
 step per batch, so the PPO ratio is 1), averaged per rollout then over the batch.
 
 Two trigger models (``memgen`` option ``trigger_model``):
-- ``lora`` (``TriggerLM``, ``harness/memgen/trigger_lm.py``; the issue's and the paper's trigger): its own LoRA
+- ``lora`` (``TriggerLM``, ``harness/memgen/trigger_lm.py``; the paper's trigger): its own LoRA
   adapter on the shared base reads the reasoner's states so far, latents included, with its own KV cache during
   decoding; training recomputes the decisions' log-probs in one forward over the recorded states.
 - ``head`` (``TriggerHead``, the cheap option): LayerNorm + Linear(d, 2), zero-initialised so it starts at p = 0.5,
