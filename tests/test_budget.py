@@ -126,4 +126,4 @@ def test_runner_sums_budgets_and_report_prints_them(tmp_path):
     r = CliRunner().invoke(app, ["report", str(tmp_path), "--ci", "--resamples", "20", "--out", str(tmp_path / "rep")],
                            catch_exceptions=False)
     assert r.exit_code == 0 and "mean per method over runs" in r.output
-    assert (tmp_path / "rep" / "budget.csv").read_text().startswith("method,runs,examples")
+    assert (tmp_path / "rep" / "budget.csv").read_text().startswith("method,runs,stages,examples")

@@ -28,7 +28,8 @@ def run_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         s = read_json(run / "summary.json")
         b = s.get("budget") or {}
         rows.append({"method": s.get("method", run.name), "seed": s.get("seed"),
-                     "tasks": "->".join(s.get("tasks", [])), **{k: b.get(k) for k in BUDGET_KEYS},
+                     "tasks": "->".join(s.get("tasks", [])), "stages": b.get("stages"),
+                     **{k: b.get(k) for k in BUDGET_KEYS},
                      "memory": b.get("peak_memory_kind"), "notes": b.get("budget_notes", "")})
     return rows
 
@@ -40,7 +41,7 @@ def budget_table(paths: Sequence[str | Path], aggregate: bool = False) -> pd.Dat
     if aggregate:
         out = []
         for method, g in df.groupby("method", sort=False):
-            row: dict[str, Any] = {"method": method, "runs": len(g)}
+            row: dict[str, Any] = {"method": method, "runs": len(g), "stages": float(g["stages"].mean())}
             for k in BUDGET_KEYS:
                 vals = g[k]
                 row[k] = None if vals.isna().any() else float(vals.astype(float).mean())
