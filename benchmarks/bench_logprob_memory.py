@@ -71,11 +71,16 @@ def main() -> None:
     for variant in ("full", "chunked"):
         cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--dtype", args.dtype,
                "--rows", str(args.rows), "--tokens", str(args.tokens)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:  # e.g. killed by the kernel for memory: say so, measure the other variant anyway
+            print(f"{variant:8s}: failed with exit code {res.returncode} ({res.stderr.strip().splitlines()[-1:]})")
+            continue
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
         r = out[variant]
         print(f"{variant:8s}: peak RSS {r['peak_mb']:.0f} MB, {r['peak_mb'] - r['base_mb']:.0f} MB above the loaded "
               f"model ({r['tokens']} completion tokens)", flush=True)
+    if len(out) < 2:
+        return
     f, c = (out[v]["peak_mb"] - out[v]["base_mb"] for v in ("full", "chunked"))
     print(f"one recompute step, {args.rows} x {args.tokens} tokens: chunked / full = {c / f:.3f} of the memory "
           f"above the loaded model")

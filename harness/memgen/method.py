@@ -158,7 +158,9 @@ class MemGen:
         t = self.cfg.train
         rows = []
         for e in examples:
-            r = tokenize_prompt_target(self.tokenizer, task.prompt(e, self.tokenizer), e.target, t.max_length)
+            # at least prompt + the task's generation budget: no target the model could produce is cut (as sft)
+            r = tokenize_prompt_target(self.tokenizer, task.prompt(e, self.tokenizer), e.target, t.max_length,
+                                       target_budget=self.cfg.eval.max_new_tokens or task.max_new_tokens)
             rows.append((r["input_ids"][: r["prompt_len"]], r["input_ids"][r["prompt_len"] :]))
         n_points = self.opts.max_insertions if self.opts.sft_insertions < 0 else self.opts.sft_insertions
         sch = SFTSchedule(steps=steps_for(t, len(rows)), batch_size=t.batch_size * t.grad_accum,
