@@ -28,8 +28,9 @@ ARGS = ["run", "--model", "tiny-random", "--sequence", "arith,choice", "--limit"
         "--set", "method_options.reinforce_pp.samples_per_prompt=2",
         "--set", "method_options.reinforce_pp.max_completion_length=6",
         "--set", "method_options.grpo.num_generations=2", "--set", "method_options.grpo.max_completion_length=6",
-        # a KL reference: TRL copies the adapter into a "ref" one when it builds the Trainer, from whole weights
-        "--set", "method_options.grpo.beta=0.04"]
+        # a KL term against the initial model (rl.reference=init): both RL trainers compute the reference with the
+        # adapter switched off, inside the sharded forward
+        "--set", "rl.kl_coef=0.04"]
 
 
 def _env(**extra: str) -> dict[str, str]:
