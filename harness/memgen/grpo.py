@@ -31,17 +31,14 @@ from transformers import get_scheduler
 from harness import rl
 from harness.config import RunConfig
 from harness.distributed import (
-    all_reduce_grads,
-    all_reduce_sum,
     check_in_sync,
     gather_rows,
     rank_seed,
     rank_slice,
 )
 from harness.memgen.generation import memgen_generate
-from harness.memgen.sft import WovenBatch, build_woven_batch, woven_logprobs
+from harness.memgen.sft import WovenBatch, build_woven_batch, weaver_update, woven_logprobs
 from harness.memgen.weaver import MemGenModel
-from harness.training import NonFiniteLossError
 from tasks.base import Example, Task
 
 
@@ -229,13 +226,7 @@ def weaver_grpo_step(
         mm.check_trainable(label)
         (loss * share).backward()
         local_loss = loss.item() * share
-    total = all_reduce_sum([local_loss])[0]  # the batch's loss, the same on every process
-    if not math.isfinite(total):
-        raise NonFiniteLossError(f"{label}: loss became {total}; lower the lr")
-    all_reduce_grads(params)
-    torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    total = weaver_update(params, local_loss, optimizer, scheduler, sch.max_grad_norm, label)
     return {"loss": total, "reward": float(rewards.mean()), "insertions": sum(i for _, _, i in every) / n_rows,
             "length": sum(lengths) / n_rows, "generated": sum(lengths),
             "tokens": sum(lengths) + sch.group * sum(len(p) for p in prompt_ids)}

@@ -160,6 +160,20 @@ def sft_loss(mm: MemGenModel, batch: WovenBatch) -> torch.Tensor:
     return F.cross_entropy(mm.lm_head(h).float(), y, ignore_index=IGNORE_INDEX)
 
 
+def weaver_update(params: Sequence[torch.nn.Parameter], local_loss: float, optimizer: torch.optim.Optimizer,
+                  scheduler: Any, max_grad_norm: float, label: str, where: str = "") -> float:
+    """After this process's backward: the global batch's loss (the same on every process), a one-line error if it
+    is not finite, gradients summed over the processes, clipped, one optimizer and schedule step (SFT and GRPO)."""
+    total = all_reduce_sum([local_loss])[0]
+    if not math.isfinite(total):
+        raise NonFiniteLossError(f"{label}: loss became {total}{where}; lower the lr")
+    all_reduce_grads(params)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return total
+
+
 def pad_id_of(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -230,13 +244,7 @@ def train_weaver(
                 mm.check_trainable(label)
                 (loss * share).backward()
                 local = loss.item() * share
-            total = all_reduce_sum([local])[0]  # the global batch's loss, the same on every process
-            if not math.isfinite(total):
-                raise NonFiniteLossError(f"{label}: loss became {total} at step {step}; lower the lr")
-            all_reduce_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, sch.max_grad_norm)
-            opt.step()
-            lr_sched.step()
+            total = weaver_update(params, local, opt, lr_sched, sch.max_grad_norm, label, f" at step {step}")
             losses.append(total)
             if on_step is not None:  # progress: on_step(step, total steps, loss)
                 on_step(step + 1, sch.steps, total)
