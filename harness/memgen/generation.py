@@ -70,6 +70,11 @@ class MemGenOutput:
     T = 1), 0 after a row's EOS; only with ``output_logprobs``."""
 
 
+def completion_length(row: Sequence[int], stops: set[int] | Sequence[int]) -> int:
+    """Generated tokens of ``row`` up to and including the first stop token (all of them when none)."""
+    return next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+
+
 def delimiter_mask(tokenizer: PreTrainedTokenizerBase, delimiters: Iterable[str], vocab: int) -> torch.Tensor:
     """(V,) bool: token ids whose text ends with one of ``delimiters``.
 

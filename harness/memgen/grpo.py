@@ -36,7 +36,7 @@ from harness.distributed import (
     rank_seed,
     rank_slice,
 )
-from harness.memgen.generation import memgen_generate
+from harness.memgen.generation import completion_length, memgen_generate
 from harness.memgen.sft import WovenBatch, build_woven_batch, weaver_update, woven_logprobs
 from harness.memgen.weaver import MemGenModel
 from tasks.base import Example, Task
@@ -123,7 +123,7 @@ def sample_rollouts(
     completions, points, logprobs = [], [], []
     for b in range(len(rows)):
         seq = out.sequences[b].tolist()
-        end = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
+        end = completion_length(seq, stops)
         completions.append(seq[:end])
         points.append([p for p in out.insertions[b] if p < end] or [0])
         if out.logprobs is not None:

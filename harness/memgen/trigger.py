@@ -40,7 +40,7 @@ from harness.distributed import (
     rank_seed,
     rank_slice,
 )
-from harness.memgen.generation import TriggerContext, memgen_generate
+from harness.memgen.generation import TriggerContext, completion_length, memgen_generate
 from harness.memgen.trigger_lm import TriggerHead, TriggerLM, TriggerSession
 from harness.memgen.weaver import MemGenModel
 from harness.training import NonFiniteLossError
@@ -281,7 +281,7 @@ def decode_with(mm: MemGenModel, rec: TriggerRecorder, prompts: Sequence[Sequenc
                           trigger_prompt=trigger_prompt)
     rec.delimiters = [n + int(trigger_prompt) for n in out.delimiters]  # the prompt is one more decision point
     stops = set(mm.stop_ids())
-    rec.lengths = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in out.sequences.tolist()]
+    rec.lengths = [completion_length(row, stops) for row in out.sequences.tolist()]
     return [tok.decode(s, skip_special_tokens=True) for s in out.sequences]
 
 
