@@ -364,14 +364,19 @@ class ReinforcePP:
         history: dict[str, list[float]] = {}
         seen: set[int] = set()
         t0 = time.perf_counter()
-        on_step = getattr(self, "on_step", None)  # the runner's progress hook: on_step(step, total, loss)
+        on_step = getattr(self, "on_step", None)  # the runner's hook: on_step(step, total, loss, scalars={...})
         for step in range(steps):
             idx = next(batches)
             seen.update(idx)
-            for k, v in self.train_step(task, [examples[i] for i in idx], optimizer, scheduler, budget).items():
+            t_step, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this step uses
+            st = self.train_step(task, [examples[i] for i in idx], optimizer, scheduler, budget)
+            for k, v in st.items():
                 history.setdefault(k, []).append(v)
-            if on_step is not None:
-                on_step(step + 1, steps, history["loss"][-1])
+            if on_step is not None:  # progress bar and the run's tracker
+                seconds = max(time.perf_counter() - t_step, 1e-9)
+                on_step(step + 1, steps, st["loss"], scalars={
+                    **{k: st[k] for k in ("reward", "kl", "clip_frac", "length", "ratio_dev")}, "learning_rate": lr,
+                    "tokens_per_s": (st["generated_tokens"] + st["train_tokens"]) / seconds})
         release_engine(accelerator)  # DeepSpeed: its hooks off the model (ZeRO-3 gathers in them)
         self.engine = None
         self.ref_snapshot = None

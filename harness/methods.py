@@ -5,8 +5,10 @@ It never scores: the runner scores every completion with the task's own scorer.
 
 Optional attributes the runner uses when present: ``trains = False`` (the method never changes: later rows copy
 row 0), ``last_prompts`` (the prompts actually used, recorded with the samples) and ``on_step`` (set by the
-runner before training: call ``on_step(step, total_steps, loss)`` to drive the progress bar; a method that trains
-in several phases, as MemGen does, adds ``phase="..."`` to tell them apart).
+runner before training: call ``on_step(step, total_steps, loss)`` once per optimizer step to drive the progress
+bar and the run's tracker; ``scalars={...}`` adds what else the step measured (learning_rate, reward, kl,
+insert_rate, tokens_per_s...), logged as ``train/<task>/<key>``; a method that trains in several phases, as MemGen
+does, adds ``phase="..."`` to tell them apart).
 """
 
 from __future__ import annotations

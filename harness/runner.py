@@ -8,7 +8,9 @@ stage, so a killed run resumes from the last finished cell. Training and evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from harness.store import (
 from harness.tracking import RunTracker
 from harness.vllm_backend import fallback_note, record_backend, use_backend
 from tasks.base import Example, Task
-from tasks.registry import get_task, resolve_sequence
+from tasks.registry import get_task, resolve_probes, resolve_sequence
 
 # Keys of the config that may change between a run and its resumption without changing its results.
 RESUME_NEUTRAL = {"out", "methods", "eval.batch_size", "report_to"}
@@ -56,6 +58,20 @@ def cell_name(row: int, task: str) -> str:
 
 def row_labels(task_names: Sequence[str]) -> list[str]:
     return ["init", *task_names]
+
+
+PROBE_PREFIX = "probe:"  # matrix.csv marks probe columns (evaluated in every row, never trained) with this prefix
+
+
+def probe_column(name: str) -> str:
+    return f"{PROBE_PREFIX}{name}"
+
+
+def split_matrix_columns(columns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """matrix.csv's columns -> (trained tasks, probe names): every reader keeps the metrics on the trained tasks."""
+    cols = [str(c) for c in columns]
+    return ([c for c in cols if not c.startswith(PROBE_PREFIX)],
+            [c.removeprefix(PROBE_PREFIX) for c in cols if c.startswith(PROBE_PREFIX)])
 
 
 def evaluate(
@@ -106,11 +122,13 @@ def evaluate(
     return CellResult(accuracy=100.0 * correct / max(n, 1), n=n, correct=correct, seconds=seconds), samples
 
 
-def load_matrix(run_dir: Path, task_names: Sequence[str]) -> list[list[float | None]]:
-    """R as nested lists (percent), None where a cell is not computed yet."""
+def load_matrix(run_dir: Path, task_names: Sequence[str], rows: int | None = None) -> list[list[float | None]]:
+    """R as nested lists (percent), None where a cell is not computed yet: (rows, len(task_names)), rows defaulting
+    to len(task_names) + 1 (the probe matrix P passes the sequence's T + 1)."""
     T = len(task_names)
-    R: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
-    for i in range(T + 1):
+    n_rows = T + 1 if rows is None else rows
+    R: list[list[float | None]] = [[None] * T for _ in range(n_rows)]
+    for i in range(n_rows):
         for j, name in enumerate(task_names):
             p = run_dir / "cells" / f"{cell_name(i, name)}.json"
             if p.exists():
@@ -118,18 +136,29 @@ def load_matrix(run_dir: Path, task_names: Sequence[str]) -> list[list[float | N
     return R
 
 
-def write_matrix_files(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any] | None = None) -> dict:
+def write_matrix_files(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any] | None = None,
+                       probes: Sequence[str] = ()) -> dict:
+    """matrix.csv (the trained tasks, then one ``probe:<name>`` column per probe) and summary.json (``matrix`` R of
+    the trained tasks, ``probe_matrix`` P, the metrics of R and, apart, the probe metrics of P)."""
     R = load_matrix(run_dir, task_names)
-    df = pd.DataFrame(R, index=row_labels(task_names), columns=list(task_names))
+    P = load_matrix(run_dir, probes, rows=len(task_names) + 1)  # (T+1, n_probes)
+    df = pd.DataFrame([r + p for r, p in zip(R, P, strict=True)], index=row_labels(task_names),
+                      columns=[*task_names, *map(probe_column, probes)])
     df.index.name = "after"
     from harness.store import atomic_write_text
 
     atomic_write_text(run_dir / "matrix.csv", df.to_csv(float_format="%.4f"))
-    complete = all(v is not None for row in R for v in row)
+    complete = all(v is not None for row in R + P for v in row)
     summary: dict[str, Any] = {"complete": complete, "tasks": list(task_names), "matrix": R, **(extra or {}),
                                "budget": run_budget(read_stage_budgets(run_dir))}  # harness/budget.py
+    if probes:
+        summary.update({"probes": list(probes), "probe_matrix": P})
     if complete:
         summary.update(metrics.summarize(R))
+        if probes:
+            ps = metrics.probe_summary(P, probes)
+            summary["undefined"] = {**summary["undefined"], **ps.pop("undefined")}
+            summary.update(ps)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -140,11 +169,17 @@ def holds_results(run_dir: Path) -> bool:
     return next((run_dir / "cells").glob("r*_*.json"), None) is not None or completed_stage(run_dir) > 0
 
 
+def with_probes(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its probes resolved (None -> the named sequence's), as config.json records them."""
+    return dataclasses.replace(cfg, probes=tuple(resolve_probes(cfg.sequence, cfg.probes)))
+
+
 def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     path = run_dir / "config.json"
     if not path.exists() or not holds_results(run_dir):
         return
-    old, new = read_json(path), to_dict(cfg)
+    old, new = read_json(path), to_dict(with_probes(cfg))
+    old.setdefault("probes", [])  # a run from before probes existed had none
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -158,8 +193,11 @@ def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     fo, fn = flat(old), flat(new)
     changed = sorted(k for k in set(fo) | set(fn) if k not in RESUME_NEUTRAL and fo.get(k) != fn.get(k))
     if changed:
+        # Probes are cells of every row: rows already trained past cannot gain (or lose) them on resumption.
+        hint = (f" (its probes were {fo.get('probes') or 'none'}: resume with --probes "
+                f"{','.join(fo.get('probes') or []) or 'none'})" if "probes" in changed else "")
         raise ConfigError(
-            f"run directory {run_dir} holds a run with a different config ({', '.join(changed)}); "
+            f"run directory {run_dir} holds a run with a different config ({', '.join(changed)}){hint}; "
             f"use another --out or delete the directory to start over"
         )
 
@@ -180,7 +218,9 @@ def run_method(
     """Run (or resume) one method over the sequence; returns the summary."""
     notify = on_event or (lambda kind, info: None)
     task_names = resolve_sequence(cfg.sequence)
+    cfg = with_probes(cfg)  # a bad probe fails here, before anything is written; config.json records the list
     tasks = [get_task(n, cfg.data_dir) for n in task_names]
+    probe_tasks = [get_task(n, cfg.data_dir) for n in cfg.probes or ()]
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resumable(run_dir, cfg)
     cfg_dict = to_dict(cfg)
@@ -191,18 +231,19 @@ def run_method(
     if main:
         atomic_write_json(run_dir / "config.json", cfg_dict)
         if not (run_dir / "meta.json").exists():
-            atomic_write_json(run_dir / "meta.json", run_metadata(seeds, {t.name: t.version for t in tasks}))
+            atomic_write_json(run_dir / "meta.json", run_metadata(seeds, {t.name: t.version for t in [*tasks, *probe_tasks]}))
     barrier()
 
     lm = model or load_run_model(cfg)
     if main:  # model, template, data and hardware beside the other provenance (kept from the first start)
         meta = json.loads((run_dir / "meta.json").read_text())
         if "hardware" not in meta:
-            meta.update(provenance(cfg, lm, tasks, meta))
+            meta.update(provenance(cfg, lm, [*tasks, *probe_tasks], meta))
             atomic_write_json(run_dir / "meta.json", meta)
     tracker = RunTracker(cfg.report_to if main else "none", run_dir, f"{Path(cfg.out).name}-{method_name}", cfg_dict)
     try:
-        return _run_stages(method_name, cfg, run_dir, lm, tasks, task_names, tracking(notify, tracker), tracker)
+        return _run_stages(method_name, cfg, run_dir, lm, tasks, task_names, tracking(notify, tracker), tracker,
+                           probe_tasks)
     finally:
         tracker.close()
 
@@ -226,7 +267,10 @@ def tracking(notify: Callable[[str, dict[str, Any]], None],
     def event(kind: str, info: dict[str, Any]) -> None:
         if kind == "train_step" and info.get("loss") is not None:
             phase = f"{info['phase']}_" if info.get("phase") else ""
-            tracker.log({f"train/{info['task']}/{phase}loss": float(info["loss"])}, int(info["step"]))
+            # the step's loss and whatever else the method measured at it (learning rate, reward, KL, tokens/s...)
+            values = {"loss": info["loss"], **(info.get("scalars") or {})}
+            tracker.log({f"train/{info['task']}/{phase}{k}": float(v) for k, v in values.items()
+                         if isinstance(v, int | float) and math.isfinite(v)}, int(info["step"]))
         elif kind == "eval_end":
             values = {f"eval/{info['task']}/accuracy": info["accuracy"], f"eval/{info['task']}/seconds": info["seconds"]}
             if info.get("generated_tokens") is not None and info["seconds"] > 0:
@@ -241,8 +285,9 @@ def tracking(notify: Callable[[str, dict[str, Any]], None],
 
 def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel, tasks: list[Task],
                 task_names: list[str], notify: Callable[[str, dict[str, Any]], None],
-                tracker: RunTracker) -> dict[str, Any]:
-    """The matrix of one method, stage by stage, from wherever the run directory stopped."""
+                tracker: RunTracker, probe_tasks: Sequence[Task] = ()) -> dict[str, Any]:
+    """The matrix of one method, stage by stage, from wherever the run directory stopped. Probes (never
+    trained) are evaluated in every row after the trained tasks, as cells like theirs (``r<i>_<probe>``)."""
     main = is_main()
     T = len(tasks)
     set_seed(derive_seed(cfg.seed, "init"))
@@ -258,6 +303,9 @@ def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel
         raise ConfigError(f"task(s) {untrainable} have no train split, so they cannot be learned in a sequence; "
                           f"evaluate them with `memgen-bench eval` or use a task with training data")
     test_sets = [t.load("test", limit=cfg.eval_limit, seed=cfg.seed) for t in tasks]
+    probe_sets = [t.load("test", limit=cfg.eval_limit, seed=cfg.seed) for t in probe_tasks]
+    probe_names = [t.name for t in probe_tasks]
+    info = {"method": method_name, "model": cfg.model, "seed": cfg.seed}
 
     last = completed_stage(run_dir)
     if last > 0:
@@ -270,9 +318,9 @@ def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel
             train = task.load("train", limit=cfg.train_limit, seed=cfg.seed)
             notify("train_start", {"method": method_name, "stage": stage, "task": task.name, "n": len(train)})
             try:  # progress hook for methods that report their steps (optional attribute)
-                method.on_step = lambda step, total, loss, phase="", _t=task.name: notify(
+                method.on_step = lambda step, total, loss, phase="", scalars=None, _t=task.name: notify(
                     "train_step", {"method": method_name, "task": _t, "step": step, "total": total, "loss": loss,
-                                   "phase": phase})
+                                   "phase": phase, "scalars": scalars or {}})
             except AttributeError:
                 pass
             with StageMeter(cfg.device) as meter:  # wall time and peak memory, measured alike for every method
@@ -286,7 +334,7 @@ def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel
                 atomic_write_json(run_dir / "train" / f"stage{stage}.json", {"task": task.name, **stats})
             barrier()
             notify("train_end", {"method": method_name, "stage": stage, "task": task.name, **stats})
-        for task, examples in zip(tasks, test_sets, strict=True):
+        for task, examples in zip([*tasks, *probe_tasks], [*test_sets, *probe_sets], strict=True):
             cell = run_dir / "cells" / f"{cell_name(stage, task.name)}.json"
             if cell.exists():
                 continue
@@ -320,9 +368,9 @@ def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel
             notify("eval_end", {"method": method_name, "row": stage, "task": task.name, **result.__dict__,
                                 "generated_tokens": generated})
         if main:
-            write_matrix_files(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+            write_matrix_files(run_dir, task_names, info, probe_names)
         barrier()
-    summary = summarize_run(run_dir, task_names, {"method": method_name, "model": cfg.model, "seed": cfg.seed})
+    summary = summarize_run(run_dir, task_names, info, probe_names)
     tracker.log_summary(summary, T)
     return summary
 
@@ -353,8 +401,9 @@ def _init_row_key(method: Method, cfg: RunConfig, lm: LoadedModel, task: Task, e
         batch_size=cfg.eval.batch_size, backend=backend, seed=derive_seed(cfg.seed, "eval", 0, task.name))
 
 
-def summarize_run(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any]) -> dict[str, Any]:
+def summarize_run(run_dir: Path, task_names: Sequence[str], extra: dict[str, Any],
+                  probes: Sequence[str] = ()) -> dict[str, Any]:
     """The run's summary (main process writes it; the others read what it wrote)."""
     if is_main():
-        return write_matrix_files(run_dir, task_names, extra)
+        return write_matrix_files(run_dir, task_names, extra, probes)
     return read_json(run_dir / "summary.json")

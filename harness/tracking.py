@@ -2,7 +2,9 @@
 
 One tracker per run directory, opened by the runner on the main process. What it logs:
 
-- ``train/<task>/<phase>loss`` at every optimizer step, live (the ``on_step`` hook every method calls);
+- ``train/<task>/<phase>loss`` and the step's other scalars (``learning_rate``, ``reward``, ``kl``, ``insert_rate``,
+  ``tokens_per_s``...; the Trainer-based methods forward the Trainer's log dict) at every optimizer step, live
+  (the ``on_step`` hook every method calls, ``harness/methods.py``);
 - at the end of each stage, every curve the method recorded in its train stats (``losses``, ``rewards``, ``kl``,
   MemGen's ``grpo``/``trigger`` sub-dicts, insertion rates, learning rates ...) as ``stage<i>/<task>/<key>`` at
   their own step index, and the stage's scalars (seconds, tokens, ...) as ``stage/<task>/<key>`` at the stage;

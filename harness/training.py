@@ -117,12 +117,16 @@ def training_arguments(cfg: RunConfig, seed: int, max_steps: int, **extra: Any) 
 
 
 class LossGuard(TrainerCallback):
-    """Records the loss curve and stops with a clear error on a NaN/inf loss."""
+    """Records the loss curve, stops with a clear error on a NaN/inf loss, and hands every step's log dict to the
+    runner's ``on_step`` hook (``scalars=``: learning_rate, grad_norm, TRL's reward/kl/... as the Trainer logs
+    them), which logs them to the run's tracker. The Trainer's own ``report_to`` stays ``none``: it would open a
+    second TensorBoard log (under the Trainer's temporary ``output_dir``) or a second W&B run per task, instead of
+    one log per run directory with the runner's cells and stage curves beside the steps."""
 
     def __init__(self, label: str, on_step=None):
         self.label = label
         self.losses: list[float] = []
-        self.on_step = on_step  # optional progress hook: on_step(step, total_steps, loss)
+        self.on_step = on_step  # optional hook: on_step(step, total_steps, loss, scalars={...})
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - transformers hook
         if logs and "loss" in logs:
@@ -133,7 +137,9 @@ class LossGuard(TrainerCallback):
                 )
             self.losses.append(loss)
             if self.on_step is not None:
-                self.on_step(state.global_step, state.max_steps, loss)
+                scalars = {k: float(v) for k, v in logs.items()
+                           if k != "loss" and isinstance(v, int | float) and not isinstance(v, bool)}
+                self.on_step(state.global_step, state.max_steps, loss, scalars=scalars)
 
 
 ADAPTER_DIR = "adapter"

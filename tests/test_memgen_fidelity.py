@@ -139,7 +139,7 @@ def test_reasoner_with_dropout_stays_deterministic_during_weaver_sft_and_grpo():
             mod.register_forward_pre_hook(lambda m, a, n=name: seen_training.append(n) if m.training else None)
     checks: list[bool] = []
 
-    def probe(step, total, loss):  # the reasoner's output twice on the same input, mid-training
+    def probe(step, total, loss, **_):  # the reasoner's output twice on the same input, mid-training
         with torch.no_grad(), mm.reasoner_mode():
             a = mm.reasoner(input_ids=ids).last_hidden_state
             b = mm.reasoner(input_ids=ids).last_hidden_state

@@ -239,7 +239,7 @@ def train_weaver_grpo(
     is_delim: torch.Tensor,
     sch: WeaverGRPOSchedule,
     label: str = "memgen weaver grpo",
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Weaver GRPO on ``task``'s scorer; returns the loss and mean-reward curves, insertion counts and timing."""
     tok = mm.tokenizer
@@ -258,6 +258,7 @@ def train_weaver_grpo(
             rng.shuffle(more)
             order += more
         idx, order = order[: sch.prompts_per_step], order[sch.prompts_per_step :]
+        t_step, lr = time.perf_counter(), opt.param_groups[0]["lr"]  # the rate this step uses
         st = weaver_grpo_step(mm, task, [examples[i] for i in idx], [prompts[i] for i in idx], is_delim, sch, opt,
                               lr_sched, gen, label)
         seen.update(idx)
@@ -266,8 +267,10 @@ def train_weaver_grpo(
         stats["losses"].append(st["loss"])
         stats["rewards"].append(st["reward"])
         stats["insertions"].append(st["insertions"])
-        if on_step is not None:  # progress: on_step(step, total steps, loss)
-            on_step(step + 1, sch.steps, st["loss"])
+        if on_step is not None:  # progress and the run's tracker: on_step(step, total steps, loss, scalars)
+            on_step(step + 1, sch.steps, st["loss"], scalars={
+                "reward": st["reward"], "insertions": st["insertions"], "completion_length": st["length"],
+                "learning_rate": lr, "tokens_per_s": st["tokens"] / max(time.perf_counter() - t_step, 1e-9)})
     check_in_sync(mm.weaver_parameters(), label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats, "examples": sorted(seen),
             "optimizer_steps": sch.steps, "train_tokens": tokens, "generated_tokens": generated}

@@ -40,7 +40,7 @@ def build_trigger(mm: MemGenModel, seed: int) -> TriggerHead | TriggerLM | None:
         return TriggerHead(mm.lm_head.weight.shape[1]).to(device=mm.embed.weight.device, dtype=torch.float32)
 
 
-def phase_hook(method: Any, phase: str) -> Callable[[int, int, float], None] | None:
+def phase_hook(method: Any, phase: str) -> Callable[..., None] | None:
     """The runner's progress hook (``method.on_step``) with MemGen's training phase named; None without one."""
     hook = getattr(method, "on_step", None)
     return None if hook is None else functools.partial(hook, phase=phase)

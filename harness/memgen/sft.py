@@ -199,7 +199,7 @@ def train_weaver(
     label: str = "memgen weaver sft",
     turn_points: Sequence[Sequence[int]] | None = None,
     weaver_prefixes: Sequence[Sequence[int]] | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Weaver SFT on (prompt ids, target ids incl. EOS) rows; returns the loss curve and timing.
 
@@ -225,7 +225,9 @@ def train_weaver(
                 order += more
             idx, order = order[: sch.batch_size], order[sch.batch_size :]
             seen.update(idx)
-            tokens += sum(len(rows[i][0]) + len(rows[i][1]) for i in idx)
+            t_step, lr = time.perf_counter(), opt.param_groups[0]["lr"]  # the rate this step uses
+            step_tokens = sum(len(rows[i][0]) + len(rows[i][1]) for i in idx)
+            tokens += step_tokens
             # Under a launch: this process's rows of the global batch, its loss weighted by its share of the
             # batch's target tokens, gradients summed (= the single-process token mean; harness.distributed).
             n_all = sum(len(rows[i][1]) for i in idx)
@@ -246,8 +248,9 @@ def train_weaver(
                 local = loss.item() * share
             total = weaver_update(params, local, opt, lr_sched, sch.max_grad_norm, label, f" at step {step}")
             losses.append(total)
-            if on_step is not None:  # progress: on_step(step, total steps, loss)
-                on_step(step + 1, sch.steps, total)
+            if on_step is not None:  # progress and the run's tracker: on_step(step, total steps, loss, scalars)
+                on_step(step + 1, sch.steps, total, scalars={
+                    "learning_rate": lr, "tokens_per_s": step_tokens / max(time.perf_counter() - t_step, 1e-9)})
     check_in_sync(params, label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, "losses": losses, "examples": sorted(seen),
             "optimizer_steps": sch.steps, "train_tokens": tokens, "generated_tokens": 0}

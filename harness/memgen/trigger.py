@@ -304,7 +304,7 @@ def train_trigger(
     is_delim: torch.Tensor,
     sch: TriggerSchedule,
     label: str = "memgen trigger",
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Policy-gradient training of the trigger ``head`` (a ``TriggerHead`` or a ``TriggerLM``); reasoner and weaver
     untouched. Returns the loss, mean-reward and insertion-rate curves and timing."""
@@ -328,6 +328,7 @@ def train_trigger(
             rng.shuffle(more)
             order += more
         idx, order = order[: sch.prompts_per_step], order[sch.prompts_per_step :]
+        t_step, lr, tokens_before = time.perf_counter(), opt.param_groups[0]["lr"], generated + tokens
         rec = TriggerRecorder(head, policy="sample", generator=gen)
         rows = [prompts[i] for i in idx for _ in range(sch.group)]
         seen.update(idx)
@@ -380,10 +381,13 @@ def train_trigger(
             if lora:
                 head.set_adapter_trainable(False)
         stats["losses"].append(total)
-        if on_step is not None:  # progress: on_step(step, total steps, loss)
-            on_step(step + 1, sch.steps, total)
         stats["rewards"].append(float(rewards.mean()))
         stats["insert_rate"].append(float((dec * mask).sum() / mask.sum().clamp(min=1)))
+        if on_step is not None:  # progress and the run's tracker: on_step(step, total steps, loss, scalars)
+            # tokens/s: generated tokens (+ those the LoRA trigger re-reads with gradients) per second of the step
+            on_step(step + 1, sch.steps, total, scalars={
+                "reward": stats["rewards"][-1], "insert_rate": stats["insert_rate"][-1], "learning_rate": lr,
+                "tokens_per_s": (generated + tokens - tokens_before) / max(time.perf_counter() - t_step, 1e-9)})
     check_in_sync(params, label)
     return {"steps": sch.steps, "seconds": time.perf_counter() - t0, **stats, "examples": sorted(seen),
             "optimizer_steps": sch.steps, "train_tokens": tokens, "generated_tokens": generated,
