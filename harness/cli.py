@@ -36,6 +36,8 @@ console = Console(stderr=True, soft_wrap=True)  # log files get whole lines, not
 USER_ERRORS = (ConfigError, TaskError, ModelLoadError, NonFiniteLossError, FileNotFoundError, ValueError)
 DTYPE_HELP = "fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; fp32 on CPU unless native bf16)."
 DEVICE_HELP = "cpu, cuda or cuda:N."
+PROBES_HELP = "Comma-separated probe tasks, evaluated in every row and never trained ('none': no probes; " \
+              "default: the sequence's own probes)."
 
 
 def _fail(exc: BaseException) -> None:
@@ -113,6 +115,7 @@ class _Progress:
 @app.command()
 def run(
     sequence: str = typer.Option(None, help="Named sequence or inline 'a,b,c' (default: quick)."),
+    probes: str = typer.Option(None, help=PROBES_HELP),
     methods: str = typer.Option(None, help="Comma-separated methods (default: vanilla,sft)."),
     model: str = typer.Option(None, help="Hub id, local folder, .gguf, smollm2-135m or tiny-random."),
     seed: int = typer.Option(None, help="Master seed (default 0)."),
@@ -154,7 +157,7 @@ def run(
     try:
         opts = {"sequence": sequence, "model": model, "seed": seed, "limit": limit, "out": out,
                 "data_dir": data_dir, "dtype": dtype, "device": device,
-                "methods": methods.split(",") if methods else None,
+                "methods": methods.split(",") if methods else None, "probes": probes,
                 **model_options(model_args, chat_template, system_prompt, report_to)}
         cfg = build_config(config, opts, [*([f"eval.backend={backend}"] if backend else []), *(overrides or [])])
         from harness.preflight import preflight
@@ -178,7 +181,7 @@ def run(
         console.print(f"note: this FSDP/DeepSpeed launch shards only {', '.join(SHARDING_METHODS)}; "
                       f"{', '.join(plain)} train data-parallel with whole weights on every process")
     started = time.perf_counter()
-    n_cells = (len(tasks) + 1) * len(tasks)
+    n_cells = (len(tasks) + 1) * (len(tasks) + len(cfg.probes or ()))
     dirs = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -246,6 +249,7 @@ def _relaunch(n: int, device: str, accelerate_config: Path | None = None) -> int
 def sweep(
     spec_file: Path = typer.Option(None, "--grid", "-g", help="Sweep YAML (base, sequence, orders, methods, seeds)."),
     sequence: str = typer.Option(None, help="Sequence whose orders are swept."),
+    probes: str = typer.Option(None, help=PROBES_HELP),
     orders: str = typer.Option(None, help="given or latin."),
     n_orders: int = typer.Option(None, help="Number of Latin-square orders."),
     methods: str = typer.Option(None, help="Comma-separated methods."),
@@ -261,10 +265,14 @@ def sweep(
     from harness.runner import run_method
     from harness.store import atomic_write_text
     from harness.sweep import cell_config, cells, launch_commands, load_spec, slurm_script, write_base_config
+    from tasks.registry import resolve_probes
 
     try:
         spec = load_spec(spec_file, {"sequence": sequence, "orders": orders, "n_orders": n_orders,
                                      "methods": methods, "seeds": seeds})
+        if probes is not None:  # through the base, as every other RunConfig field a sweep shares
+            spec = dataclasses.replace(spec, base={**spec.base, "probes": probes})
+        resolve_probes(spec.sequence, cell_config(spec, cells(spec, out)[0]).probes)  # one line, before writing
         grid = cells(spec, out)
         if accelerate_config and not emit and num_processes < 2:
             raise ConfigError("--accelerate-config needs --num-processes N (N >= 2) to run cells locally")
@@ -545,9 +553,9 @@ def tasks() -> None:
     for name, d in sorted(definitions().items()):
         t.add_row(name, d.version, d.domain, d.description)
     Console().print(t)
-    s = Table("sequence", "tasks", "description", title="sequences")
+    s = Table("sequence", "tasks", "probes", "description", title="sequences")
     for name, seq in sorted(sequences().items()):
-        s.add_row(name, " -> ".join(seq["tasks"]), seq.get("description", ""))
+        s.add_row(name, " -> ".join(seq["tasks"]), ", ".join(seq.get("probes") or []), seq.get("description", ""))
     Console().print(s)
 
 

@@ -112,6 +112,9 @@ class RunConfig:
 
     sequence: str = "quick"
     """A named sequence (``memgen-bench tasks``) or an inline list ``a,b,c`` / ``a->b->c``."""
+    probes: tuple[str, ...] | None = None
+    """General-ability probes: tasks evaluated in every row of the matrix (init included) and never trained on.
+    None = the named sequence's own ``probes:`` (none for an inline list); ``[]`` or ``none`` = no probes."""
     methods: tuple[str, ...] = ("vanilla", "sft")
     """Methods to run, each in its own run directory under ``out``."""
     model: str = "smollm2-135m"
@@ -294,6 +297,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
+    if cfg.probes is not None and [p.lower() for p in cfg.probes] == ["none"]:
+        cfg = dataclasses.replace(cfg, probes=())  # `--probes none` / `probes: none`: explicitly no probes
     if cfg.dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype {cfg.dtype!r} is not valid; use one of {', '.join(DTYPE_NAMES)}")
     if cfg.chat_template not in CHAT_TEMPLATE_NAMES and not Path(cfg.chat_template).is_file():

@@ -272,3 +272,63 @@ def per_task(R: Matrix, forgetting_kind: str = "max") -> dict[str, np.ndarray]:
     ret[..., T - 1] = np.nan  # the last task is retained by definition (a_{T,T} / a_{T,T}): not informative
     return {"init": a[..., 0, :].copy(), "learned": d, "final": a[..., T, :].copy(), "bwt": bwt, "fwt": fwt,
             "forgetting": forg, "retention": ret}
+
+
+# General-ability probes: tasks evaluated in every row but never trained on (``probes`` of a sequence). Their
+# matrix P has shape (T+1, n_probes): rows init..T as in R, one column per probe. They measure what training the
+# sequence costs the model elsewhere, so they stay out of ACC/BWT/FWT (which are about the trained tasks).
+
+
+def as_probe_matrices(P: Matrix) -> np.ndarray:
+    """Validate a probe matrix (T+1, n_probes) or a batch (..., T+1, n_probes): at least init and one stage."""
+    a = np.asarray(P, dtype=float)
+    if a.ndim < 2 or a.shape[-1] < 1 or a.shape[-2] < 2:
+        raise ValueError(f"P must have shape (T+1, n_probes) with row 0 = init and T >= 1; got {a.shape}")
+    return a
+
+
+def probe_drop_per_probe(P: Matrix) -> np.ndarray:
+    """init minus final accuracy of each probe, p_{0,k} - p_{T,k} (positive = the probe got worse). (..., n_probes)."""
+    a = as_probe_matrices(P)
+    return a[..., 0, :] - a[..., -1, :]
+
+
+def probe_drop(P: Matrix) -> float | np.ndarray:
+    """Mean over probes of ``probe_drop_per_probe``: one float per matrix, the batch shape for a batch."""
+    return _out(probe_drop_per_probe(P).mean(axis=-1))
+
+
+def probe_retention_per_probe(P: Matrix) -> np.ndarray:
+    """final / init accuracy of each probe, p_{T,k} / p_{0,k}; NaN where p_{0,k} = 0 (nothing to retain).
+    (..., n_probes)."""
+    a = as_probe_matrices(P)
+    init = a[..., 0, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(init > 0, a[..., -1, :] / np.where(init > 0, init, 1.0), np.nan)
+
+
+def probe_retention(P: Matrix) -> float | np.ndarray:
+    """Mean over the probes with init > 0 of ``probe_retention_per_probe``; NaN when every probe starts at 0."""
+    r = probe_retention_per_probe(P)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: undefined
+        return _out(np.nanmean(r, axis=-1))
+
+
+def probe_summary(P: Matrix, names: Sequence[str]) -> dict:
+    """The probe keys of ``summary.json``: ``probe_drop``, ``probe_retention`` (a fraction, like ``retention``),
+    their per-probe values by name (None where undefined) and ``undefined`` reasons keyed ``probe_retention`` (all
+    probes start at 0) or ``probe_retention:<name>``."""
+    a = as_probe_matrices(P)
+    if a.ndim != 2 or a.shape[1] != len(names):
+        raise ValueError(f"P has shape {a.shape} but {len(names)} probe names were given")
+    drops, rets = probe_drop_per_probe(a), probe_retention_per_probe(a)
+    reasons = {f"probe_retention:{n}": f"probe {n} scored 0 at init, so its retention (final / init) is undefined"
+               for n, r in zip(names, rets, strict=True) if math.isnan(r)}
+    if len(reasons) == len(names):
+        reasons["probe_retention"] = "every probe scored 0 at init: probe retention is undefined"
+    return {"probe_drop": probe_drop(a), "probe_retention": probe_retention(a),
+            "probe_drop_per_probe": {n: float(d) for n, d in zip(names, drops, strict=True)},
+            "probe_retention_per_probe": {n: None if math.isnan(r) else float(r) for n, r in zip(names, rets,
+                                                                                                 strict=True)},
+            "undefined": reasons}

@@ -4,8 +4,8 @@ A typo in ``--model``, a method option or ``--data-dir`` used to fail after ``co
 corrected command with the same ``--out`` was then refused. ``preflight`` checks, cheaply and in this order:
 the methods and the names under ``method_options`` (a misspelt method's options would be dropped silently), each
 method's options against its own options dataclass, the optional installs they need (``harness/extras.py``), the
-sequence and the data files of every task, and that the model resolves (a config load, no weights). It returns
-the config with ``dtype=auto`` resolved to the dtype the run will use.
+sequence, its probes and the data files of every task and probe, and that the model resolves (a config load, no weights). It returns
+the config with ``dtype=auto`` resolved to the dtype the run will use and ``probes`` resolved to a list.
 """
 
 from __future__ import annotations
@@ -92,14 +92,16 @@ def check_model(cfg: RunConfig) -> RunConfig:
 
 def preflight(cfg: RunConfig, model: bool = True, data: bool = True) -> RunConfig:
     """Validate ``cfg`` for a run (see the module docstring); returns it with ``dtype=auto`` resolved."""
-    from tasks.registry import get_task, resolve_sequence
+    from tasks.registry import get_task, resolve_probes, resolve_sequence
 
     check_methods(cfg.methods)
     check_method_options(cfg)
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir}: no such folder; pass the folder holding the tasks' JSONL files "
                           f"(layout as in ../shared/data)")
-    tasks = [get_task(n, cfg.data_dir) for n in resolve_sequence(cfg.sequence)]
+    probes = resolve_probes(cfg.sequence, cfg.probes)  # known tasks, none of them trained by the sequence
+    cfg = dataclasses.replace(cfg, probes=tuple(probes))
+    tasks = [get_task(n, cfg.data_dir) for n in [*resolve_sequence(cfg.sequence), *probes]]
     check_extras(cfg.methods, tasks, cfg.method_options, cfg.report_to)
     if data:
         for t in tasks:

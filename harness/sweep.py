@@ -26,7 +26,7 @@ import yaml
 from harness.config import ConfigError, RunConfig, from_dict, to_dict
 from harness.methods import check_methods
 from harness.store import atomic_write_text, read_json
-from tasks.registry import resolve_sequence
+from tasks.registry import resolve_sequence, sequence_probes
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,10 @@ def shared_base(spec: SweepSpec, out: Path) -> dict[str, Any]:
     order or method), unless the base names its own ``eval.cache_dir``."""
     ev = dict(spec.base.get("eval") or {})
     ev.setdefault("cache_dir", str(out / "eval-cache"))
-    return {**spec.base, "eval": ev}
+    base = {**spec.base, "eval": ev}
+    if base.get("probes") is None:  # the cells run inline orders, which name no probes: keep the sequence's own
+        base["probes"] = sequence_probes(spec.sequence)
+    return base
 
 
 def cell_config(spec: SweepSpec, cell: SweepCell) -> RunConfig:

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import os
 import re
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -114,4 +115,28 @@ def resolve_sequence(spec: str) -> list[str]:
         raise TaskError(f"unknown task(s) {unknown} in sequence {spec!r}; valid tasks: {', '.join(task_names())}")
     if len(set(names)) != len(names):
         raise TaskError(f"sequence {spec!r} repeats a task; each task may appear once")
+    return names
+
+
+def sequence_probes(spec: str) -> list[str]:
+    """The ``probes`` a named sequence's YAML lists (tasks evaluated in every row, never trained); [] for an inline
+    sequence or a sequence without probes."""
+    raw = sequences().get(spec) or {}
+    return [str(p) for p in raw.get("probes") or []]
+
+
+def resolve_probes(sequence: str, probes: Sequence[str] | None) -> list[str]:
+    """The probes of a run: ``probes`` as given (``()`` = none), or the named sequence's when None. A probe must be
+    a known task, named once, and not a task the sequence trains on (a probe is never trained)."""
+    names = sequence_probes(sequence) if probes is None else [str(p) for p in probes]
+    unknown = [n for n in names if n not in definitions()]
+    if unknown:
+        raise TaskError(f"unknown probe task {unknown[0]!r}; valid tasks: {', '.join(task_names())}")
+    if len(set(names)) != len(names):
+        raise TaskError(f"probes {names} name a task twice; name each probe once")
+    trained = resolve_sequence(sequence)
+    clash = [n for n in names if n in trained]
+    if clash:
+        raise TaskError(f"probe {clash[0]!r} is also a trained task of sequence {sequence!r}; a probe is never "
+                        f"trained on: drop it from the probes (--probes, probes:) or use another task")
     return names

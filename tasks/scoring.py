@@ -309,6 +309,26 @@ def extract_answer_line(text: str) -> str | None:
     return extract_first_line(text)
 
 
+_STATED = re.compile(r"\bis\s+(.+)", flags=re.I)
+
+
+def extract_stated(text: str) -> str | None:
+    """The answer after the last 'Answer:' marker, else the value a one-sentence reply states with its first
+    " is " ('The capital city of France is Paris.' -> 'Paris'), cut at the first , . ; ! ? or newline: for
+    short factual probes whose small-model replies are full sentences. Stricter than a substring match: 'Paris'
+    must be the whole stated value."""
+    m = list(re.finditer(r"answer\s*:\s*(.+)", text, flags=re.I))
+    if m:
+        value = m[-1].group(1)
+    else:
+        line = extract_first_line(text)
+        if line is None:
+            return None
+        s = _STATED.search(line)
+        value = s.group(1) if s else line
+    return re.split(r"[,.;!?\n]", value.strip(), maxsplit=1)[0].strip() or None
+
+
 # Registries by name, so task definitions (YAML) can name their filter and metric without code.
 FILTERS: dict[str, Callable[[str], str | None]] = {
     "gsm8k": extract_gsm8k,
@@ -319,6 +339,7 @@ FILTERS: dict[str, Callable[[str], str | None]] = {
     "choice_lenient": extract_choice_lenient,
     "first_line": extract_first_line,
     "answer_line": extract_answer_line,
+    "stated": extract_stated,
 }
 
 # Filters that also name the rule that matched (stored with each evaluated sample as ``extract_rule``).

@@ -2,7 +2,8 @@
 
 Three different skills so that learning one and forgetting another shows up on a laptop within minutes:
 arithmetic (``arith``), symbol manipulation (``reverse``) and multiple choice over word categories (``choice``). Train and test come
-from disjoint seeded streams, and any test question that also occurs in train is dropped.
+from disjoint seeded streams, and any test question that also occurs in train is dropped. ``first_letter`` is a
+general-ability probe (evaluated in every row, trained by no ``quick`` task; ``tasks/definitions/first_letter.yaml``).
 """
 
 from __future__ import annotations
@@ -113,4 +114,34 @@ def choice(split: str, n_train: int = 2000, n_test: int = 300, seed: int = 0, n_
     return _dedupe(make(split), split, make)
 
 
-GENERATORS: dict[str, Callable[..., list[Example]]] = {"arith": arith, "reverse": reverse, "choice": choice}
+# Common English nouns for the ``first_letter`` probe (hand-written so the task needs no download); train and
+# test take disjoint halves of it, so a test word is never a train word.
+NOUNS = tuple(sorted(set((
+    "anchor apron arrow attic autumn badge bakery balloon banjo barrel basket beach beard bell bench blanket "
+    "bottle bridge bucket butter button cabin cable camera candle canyon carpet castle cattle ceiling cellar "
+    "circle circus closet coffee collar copper cottage cotton county cousin crayon cricket crown curtain cushion "
+    "daisy dancer desert diamond dinner doctor dolphin donkey dragon drawer driver engine envelope eraser fabric "
+    "falcon farmer feather fence finger flag flower forest fountain garden garlic giant ginger glove goat "
+    "gravel guitar hammer harbor helmet hill hobby hockey honey hospital hotel island jacket jungle kettle "
+    "kitchen kitten ladder lantern laptop leather letter library lizard locket magnet marble market meadow "
+    "mirror monkey mountain muffin museum napkin needle nephew number orchard oven oyster paddle palace pancake "
+    "parrot pencil pepper pillow pirate planet pocket potato puppet puzzle rabbit radio rainbow ribbon rocket "
+    "saddle salad sandal school scissors shadow shelter silver singer sister soccer spider sponge spoon squirrel "
+    "stable statue student summer sunset sweater table teacher temple tennis thunder ticket toast tomato tower "
+    "tractor turtle umbrella uncle valley velvet village violin volcano waiter wallet window winter wizard wolf "
+    "yogurt zipper jar iron igloo insect ink kite key knot nest nurse net queen quiz quarter vase van "
+    "yard yarn zoo zero elbow eagle egg orange owl ocean jelly jewel juice"
+).split())))
+
+
+def first_letter(split: str, n_train: int = 128, n_test: int = 128, seed: int = 0) -> list[Example]:
+    """Name the first letter of a word (letter skill; a probe of general ability, not a quick task)."""
+    pool = [w for i, w in enumerate(NOUNS) if (i % 2 == 0) == (split == "train")]
+    rng = _stream("first_letter", split, seed)
+    words = rng.sample(pool, min(len(pool), n_train if split == "train" else n_test))
+    return [Example(id=f"first_letter-{split}-{i}", question=f"What is the first letter of the word \"{w}\"?",
+                    answer=w[0], target=f"Answer: {w[0]}") for i, w in enumerate(words)]
+
+
+GENERATORS: dict[str, Callable[..., list[Example]]] = {"arith": arith, "reverse": reverse, "choice": choice,
+                                                     "first_letter": first_letter}

@@ -31,7 +31,8 @@ REFERENCE_DIR = ROOT / "results" / "reference" / "quick-smollm2"
 TOLERANCE_PP = 0.0
 # The reference run; kept tiny so CI re-runs it in ~1-3 minutes on 2 CPU cores.
 REFERENCE_CONFIG: dict[str, Any] = {"sequence": "quick", "methods": ["vanilla", "sft"], "model": "smollm2-135m",
-                                    "dtype": "fp32", "device": "cpu", "seed": 0}
+                                    "dtype": "fp32", "device": "cpu", "seed": 0,
+                                    "probes": []}  # the reference predates quick's probes: its matrices have none
 REFERENCE_OVERRIDES = ["eval.limit=8", "eval.batch_size=8", "train.train_limit=16", "train.max_steps=4",
                        "train.batch_size=4"]
 
