@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness.store import read_json
 
 COLUMNS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "retention": "Retention",
            "learning_acc": "LA"}
+PROBE_COLUMNS = {"probe_drop": "Probe drop", "probe_retention": "Probe retention"}  # when a run has probes
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -47,6 +49,10 @@ def summary_table(paths: Sequence[str | Path], conventions: str = "gem") -> pd.D
             s = {**s, **metrics.summarize_with(s["matrix"], conv)}
         for key, col in COLUMNS.items():
             row[col] = s.get(key)
+        if s.get("probes"):  # general-ability probes, outside the CL metrics (computed from probe_matrix alone)
+            row["probes"] = ",".join(s["probes"])
+            for key, col in PROBE_COLUMNS.items():
+                row[col] = s.get(key)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -96,15 +102,19 @@ def analysis_report(
     if skipped:
         md.append("Left out (unfinished): " + ", ".join(map(str, skipped)) + "\n")
     titles = {"main": "Metrics", "final": "Accuracy on each task after the whole sequence (avg = ACC)",
-              "retention": "Retention a_T,i / a_i,i per task (%)", "forgetting": "Forgetting per task"}
-    for kind in TABLES:
+              "retention": "Retention a_T,i / a_i,i per task (%)", "forgetting": "Forgetting per task",
+              "probes": "General-ability probes (never trained): drop = init - final, retention = final / init (%)"}
+    kinds = (*TABLES, *(("probes",) if a.probes else ()))
+    for kind in kinds:
         md.append(f"## {titles[kind]}\n\n{tables.to_markdown(a, kind)}\n")
     for (method, order), R in a.mean_matrices.items():
         tasks = order.split("->")
-        df = pd.DataFrame(R, index=["init", *tasks], columns=tasks).round(2)
+        P = a.mean_probe_matrices.get((method, order))
+        cols = [*tasks, *(f"probe:{p}" for p in a.probes)] if P is not None else tasks
+        df = pd.DataFrame(np.hstack([R, P]) if P is not None else R, index=["init", *tasks], columns=cols).round(2)
         md.append(f"## R: {method}, {' -> '.join(tasks)} (mean over seeds)\n\n{df.to_markdown()}\n")
     files = {"cl_tidy.csv": tables.to_csv(a), "cl_tables.md": "\n".join(md),
-             "cl_tables.tex": "\n".join(tables.to_latex(a, kind) for kind in TABLES)}
+             "cl_tables.tex": "\n".join(tables.to_latex(a, kind) for kind in kinds)}
     if pairs:
         files["cl_compare.csv"] = tables.compare_table(a, pairs, "csv")
         files["cl_compare.md"] = (f"# Paired differences (first method minus second)\n\n{tables.compare_note(a)}\n\n"

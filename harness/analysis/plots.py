@@ -80,12 +80,15 @@ def accuracy_lines(a: Analysis, out: Path) -> list[Path]:
             for c, t in enumerate(tasks):
                 ax.plot(x, R[:, c], marker="o", ms=3, color=colours[t], label=t)
                 ax.plot([c + 1], [R[c + 1, c]], marker="*", ms=10, color=colours[t])
+            P = a.mean_probe_matrices.get((m, o))
+            for k, p in enumerate(a.probes if P is not None else []):  # never trained: dashed, no learned marker
+                ax.plot(x, P[:, k], ls="--", marker=".", color=plt.cm.Dark2(k % 8), label=f"probe: {p}")
             ax.set_xticks(x, ["init", *(f"after {t}" for t in tasks)], rotation=25, ha="right")
             ax.set_ylim(-3, 103)
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
             ax.set_title(f"{m}, order {j + 1}: {' → '.join(tasks)}", fontsize=9)
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="task (★ = learned)")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="task (★ = learned; dashed: probe)")
     fig.suptitle("Accuracy on each task over the sequence (mean over seeds)")
     return _save(fig, out, "accuracy_over_sequence")
 

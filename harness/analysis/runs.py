@@ -33,7 +33,9 @@ class RunData:
     seed: int
     tasks: list[str]
     R: np.ndarray  # (T+1, T) percent
-    scores: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (T+1, n) per-sample scores in [0, 1]
+    probes: list[str] = field(default_factory=list)  # general-ability probes (evaluated every row, never trained)
+    P: np.ndarray | None = None  # (T+1, n_probes) percent; None without probes
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # task or probe -> (T+1, n) scores in [0, 1]
     ids: dict[str, list[str]] = field(default_factory=dict)  # task -> (n,) example ids of the score columns, sorted
     n_recorded: dict[str, int] = field(default_factory=dict)  # task -> n, when only the matrix was kept (no scores)
     trigger: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (T+1,) insertion rate; NaN if none
@@ -84,9 +86,14 @@ def load_run(path: str | Path) -> RunData:
                          f"`memgen-bench run` using the same --out, or leave it out of the report")
     tasks = list(s["tasks"])
     R = np.asarray(s["matrix"], dtype=float)  # (T+1, T)
+    probes = list(s.get("probes") or [])
+    P = np.asarray(s["probe_matrix"], dtype=float) if probes else None  # (T+1, n_probes)
     data = RunData(path=run, method=s.get("method", run.name), model=s.get("model", "?"), seed=int(s.get("seed", 0)),
-                   tasks=tasks, R=R, config=read_json(run / "config.json") if (run / "config.json").exists() else {})
-    for j, task in enumerate(tasks):
+                   tasks=tasks, R=R, probes=probes, P=P,
+                   config=read_json(run / "config.json") if (run / "config.json").exists() else {})
+    # probe columns load like task columns (their names never clash: a probe is not a trained task)
+    columns = [(task, R[:, j]) for j, task in enumerate(tasks)] + [(p, P[:, k]) for k, p in enumerate(probes)]
+    for task, column in columns:
         rows = [_cell_samples(run, i, task) for i in range(len(tasks) + 1)]
         if any(r is None for r in rows):
             continue  # no per-sample scores: only the across-run bootstrap applies to this task
@@ -101,7 +108,7 @@ def load_run(path: str | Path) -> RunData:
             table[i] = [float(by_id[k]["score"]) for k in ids]
             rate[i] = insertion_rate(samples)[0]
         # The stored cell accuracy is the mean score; disagreement means the samples file is stale.
-        if not np.allclose(100.0 * table.mean(axis=1), R[:, j], atol=1e-3):
+        if not np.allclose(100.0 * table.mean(axis=1), column, atol=1e-3):
             raise ValueError(f"run {run}: per-sample scores of task {task} do not match matrix.csv; re-run the cells")
         data.scores[task] = table
         data.ids[task] = [str(k) for k in ids]
@@ -118,7 +125,8 @@ def runs_from_analysis(path: str | Path) -> list[RunData]:
     test-sample counts, but no per-sample scores, so a CI over them covers the spread over runs only."""
     doc = read_json(Path(path))
     return [RunData(path=Path(r["path"]), method=r["method"], model=r.get("model", "?"), seed=int(r["seed"]),
-                    tasks=list(r["order"]), R=np.array(r["matrix"], dtype=float),
+                    tasks=list(r["order"]), R=np.array(r["matrix"], dtype=float), probes=list(r.get("probes") or []),
+                    P=np.array(r["probe_matrix"], dtype=float) if r.get("probes") else None,
                     n_recorded={t: int(n) for t, n in r.get("n_samples", {}).items()}) for r in doc["runs"]]
 
 

@@ -158,6 +158,29 @@ def quantities(
     return out
 
 
+PROBE_METRICS = ("probe_drop", "probe_retention")
+
+
+def probe_quantities(P: np.ndarray | None, probes: Sequence[str]) -> dict[tuple[str, str], np.ndarray]:
+    """The probe metrics of a batch of probe matrices (m, T+1, n_probes): (metric, probe) -> (m,), probe ``all``
+    for the mean over probes; retention in percent like the rest. {} without probes."""
+    if P is None or not len(probes):
+        return {}
+    out = {("probe_drop", "all"): np.asarray(metrics.probe_drop(P), dtype=float),
+           ("probe_retention", "all"): 100.0 * np.asarray(metrics.probe_retention(P), dtype=float)}
+    drop, ret = metrics.probe_drop_per_probe(P), 100.0 * metrics.probe_retention_per_probe(P)  # (m, n_probes)
+    for k, name in enumerate(probes):
+        out[("probe_drop", name)], out[("probe_retention", name)] = drop[..., k], ret[..., k]
+    return out
+
+
+def run_probe_quantities(P: np.ndarray | None, probes: Sequence[str]) -> dict[tuple[str, str], float]:
+    """``probe_quantities`` of one probe matrix (T+1, n_probes), as floats."""
+    if P is None or not len(probes):
+        return {}
+    return {k: float(v[0]) for k, v in probe_quantities(np.asarray(P, dtype=float)[None], probes).items()}
+
+
 def run_quantities(R: np.ndarray, tasks: Sequence[str], conv: metrics.Conventions) -> dict[tuple[str, str], float]:
     """``quantities`` of one matrix (T+1, T), as floats."""
     return {k: float(v[0]) for k, v in quantities(np.asarray(R, dtype=float)[None], tasks, conv).items()}

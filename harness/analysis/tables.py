@@ -18,9 +18,11 @@ from harness.analysis.runs import RunData
 from harness.seeding import derive_seed
 
 LABELS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "retention": "Retention",
-          "learning_acc": "LA", "init": "init", "learned": "learned", "final": "final"}
-LOWER_IS_BETTER = {"forgetting"}
+          "learning_acc": "LA", "init": "init", "learned": "learned", "final": "final", "probe_drop": "Probe drop",
+          "probe_retention": "Probe retention"}
+LOWER_IS_BETTER = {"forgetting", "probe_drop"}
 MAIN = ("acc", "bwt", "fwt", "forgetting", "retention", "learning_acc")
+PROBE_MAIN = ("probe_drop", "probe_retention")  # in the main table when the runs have probes
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Analysis:
     level: float
     seed: int = 0
     mean_matrices: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (method, order) -> (T+1, T)
+    mean_probe_matrices: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # -> (T+1, n_probes)
     skipped: list = field(default_factory=list)  # unfinished run directories left out
     paired: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # (a, b) sorted -> paired differences
 
@@ -48,6 +51,10 @@ class Analysis:
     @property
     def tasks(self) -> list[str]:
         return self.runs[0].tasks
+
+    @property
+    def probes(self) -> list[str]:
+        return self.runs[0].probes
 
     def caption(self, what: str, latex: bool = True) -> str:
         esc = latex_escape if latex else str
@@ -77,8 +84,13 @@ def _pools(runs: Sequence[RunData], S: int, B: int, conv: metrics.Conventions,
     first = runs[0]
     idx = [stats.resample_indices(first.n_samples(t), B * S, rng) if all(t in r.scores for r in runs) else None
               for t in first.tasks]
-    q = [stats.quantities(stats.resampled_matrices(r.R, [r.scores.get(t) for t in r.tasks], idx, B * S), r.tasks,
-                                            conv)
+    # probe samples are drawn after the tasks', so the tasks' replicates do not depend on whether there are probes
+    pidx = [stats.resample_indices(first.n_samples(p), B * S, rng) if all(p in r.scores for r in runs) else None
+            for p in first.probes]
+    q = [{**stats.quantities(stats.resampled_matrices(r.R, [r.scores.get(t) for t in r.tasks], idx, B * S), r.tasks,
+                             conv),
+          **(stats.probe_quantities(stats.resampled_matrices(r.P, [r.scores.get(p) for p in r.probes], pidx,
+                                                             B * S), r.probes) if r.probes else {})}
          for r in runs]
     out = q[0] if len(q) == 1 else {k: q[0][k] - q[1][k] for k in q[0]}
     return {k: v.reshape(B, S) for k, v in out.items()}
@@ -104,6 +116,18 @@ def _slots(strata: list[str]) -> int:
     return max(strata.count(o) for o in strata)
 
 
+def _points(r: RunData, c: metrics.Conventions) -> dict[tuple[str, str], float]:
+    """Every quantity of one run: the CL metrics of R (trained tasks only) and the probe metrics of P."""
+    return {**stats.run_quantities(r.R, r.tasks, c), **stats.run_probe_quantities(r.P, r.probes)}
+
+
+def _counted(metric: str, task: str, tasks: list[str], probes: list[str]) -> list[str]:
+    """The columns whose test samples a (metric, task) row counts."""
+    if task != "all":
+        return [task]
+    return probes if metric in stats.PROBE_METRICS else tasks
+
+
 def analyze(
     runs: Sequence[RunData], conv: str | metrics.Conventions | None = None, B: int = stats.B_DEFAULT,
     seed: int = 0, level: float = stats.LEVEL,
@@ -117,6 +141,9 @@ def analyze(
     for r in runs:
         if sorted(r.tasks) != task_set:
             raise ValueError(f"run {r.path} covers tasks {r.tasks}, others {task_set}: report one task set at a time")
+        if r.probes != runs[0].probes:
+            raise ValueError(f"run {r.path} has probes {r.probes or 'none'}, {runs[0].path} "
+                             f"{runs[0].probes or 'none'}: report one probe set at a time")
     by_method: dict[str, list[RunData]] = defaultdict(list)
     for r in runs:
         by_method[r.method].append(r)
@@ -124,7 +151,7 @@ def analyze(
     for method, group in by_method.items():
         strata = [r.order for r in group]
         S = _slots(strata)
-        points = [stats.run_quantities(r.R, r.tasks, c) for r in group]
+        points = [_points(r, c) for r in group]
         # Independent streams per run and per quantity: a CI does not depend on which other runs or metrics
         # happen to be in the report.
         pools = [_pools([r], S, B, c, np.random.default_rng(derive_seed(seed, "within", r.method, r.order, r.seed)))
@@ -134,7 +161,7 @@ def analyze(
             mean, lo, hi, n_runs = _interval(points, pools, strata, [bool(r.scores) for r in group], key, level,
                                              rng)
             metric, task = key
-            tasks_n = task_set if task == "all" else [task]
+            tasks_n = _counted(metric, task, task_set, runs[0].probes)
             rows.append({"method": method, "metric": metric, "task": task, "mean": mean, "ci_low": lo,
                          "ci_high": hi, "n_runs": n_runs,
                          "n_samples": int(sum(r.n_samples(t) for r in group for t in tasks_n)),
@@ -144,6 +171,9 @@ def analyze(
     for (method, order) in dict.fromkeys((r.method, r.order) for r in runs):
         mats = [r.R for r in runs if r.method == method and r.order == order]
         out.mean_matrices[(method, order)] = np.mean(mats, axis=0)
+        if runs[0].probes:
+            out.mean_probe_matrices[(method, order)] = np.mean(
+                [r.P for r in runs if r.method == method and r.order == order], axis=0)
     return out
 
 
@@ -183,8 +213,7 @@ def paired_difference(an: Analysis, a: str, b: str) -> pd.DataFrame:
         strata = [ra.order for ra, _ in pairs]
         S = _slots(strata)
         c = an.conventions
-        points = [{k: v - qb[k] for k, v in stats.run_quantities(ra.R, ra.tasks, c).items()}
-                  for ra, rb in pairs for qb in [stats.run_quantities(rb.R, rb.tasks, c)]]
+        points = [{k: v - qb[k] for k, v in _points(ra, c).items()} for ra, rb in pairs for qb in [_points(rb, c)]]
         pools = [_pools([ra, rb], S, an.B, c, np.random.default_rng(derive_seed(an.seed, "pair", x, y, ra.order,
                                                                                   ra.seed))) for ra, rb in pairs]
         rows = []
@@ -192,7 +221,7 @@ def paired_difference(an: Analysis, a: str, b: str) -> pd.DataFrame:
             rng = np.random.default_rng(derive_seed(an.seed, "pair-across", x, y, *key))
             mean, lo, hi, n = _interval(points, pools, strata, [bool(ra.scores and rb.scores) for ra, rb in pairs],
                                         key, an.level, rng)
-            tasks_n = an.tasks if key[1] == "all" else [key[1]]
+            tasks_n = _counted(key[0], key[1], an.tasks, an.probes)
             rows.append({"a": x, "b": y, "metric": key[0], "task": key[1], "diff": mean, "ci_low": lo, "ci_high": hi,
                          "n_pairs": n, "n_samples": int(sum(ra.n_samples(t) for ra, _ in pairs for t in tasks_n))})
         an.paired[(x, y)] = pd.DataFrame(rows)
@@ -279,13 +308,17 @@ def wide(a: Analysis, kind: str, fmt: str = "md") -> pd.DataFrame:
     to the runner-up has a 95% CI that excludes 0."""
     t = a.tidy
     if kind == "main":
-        cols = [(m, "all", LABELS[m]) for m in MAIN]
+        cols = [(m, "all", LABELS[m]) for m in (*MAIN, *(PROBE_MAIN if a.probes else ()))]
+    elif kind == "probes":  # per probe: init minus final, and final / init (%), then the means over probes
+        cols = [(m, p, f"{p} {'drop' if m == 'probe_drop' else 'retention'}") for p in a.probes for m in PROBE_MAIN]
+        cols += [(m, "all", LABELS[m]) for m in PROBE_MAIN]
     elif kind in ("final", "retention", "forgetting", "bwt", "fwt", "learned", "init"):
         avg = {"final": "acc", "retention": "retention", "forgetting": "forgetting", "bwt": "bwt", "fwt": "fwt",
                "learned": "learning_acc"}.get(kind)
         cols = [(kind, task, task) for task in a.tasks] + ([(avg, "all", "avg")] if avg else [])
     else:
-        raise ValueError(f"unknown table {kind!r}; use main, final, retention, forgetting, bwt, fwt, learned or init")
+        raise ValueError(f"unknown table {kind!r}; use main, final, retention, forgetting, bwt, fwt, learned, init "
+                         f"or probes")
     out = pd.DataFrame(index=pd.Index(a.methods, name="method"))
     for metric, task, label in cols:
         sub = t[(t.metric == metric) & (t.task == task)].set_index("method")
@@ -305,7 +338,8 @@ def latex_escape(s: str) -> str:
 
 LATEX_TITLES = {"main": "Continual-learning metrics (percent)",
                 "final": "Accuracy on each task after the whole sequence (percent)",
-                "retention": "Retention $a_{T,i}/a_{i,i}$ per task (percent)"}
+                "retention": "Retention $a_{T,i}/a_{i,i}$ per task (percent)",
+                "probes": "General-ability probes: drop (init minus final) and retention (final / init, percent)"}
 
 
 def to_latex(a: Analysis, kind: str = "main") -> str:
@@ -341,9 +375,12 @@ def to_json(a: Analysis) -> dict[str, Any]:
         "comparisons": [r for df in a.paired.values() for r in df.replace({np.nan: None}).to_dict(orient="records")],
         "tidy": a.tidy.replace({np.nan: None}).to_dict(orient="records"),
         "runs": [{"path": str(r.path), "method": r.method, "model": r.model, "seed": r.seed, "order": r.tasks,
-                  "matrix": arr(r.R), "n_samples": {t: r.n_samples(t) for t in r.tasks},
+                  "matrix": arr(r.R), "n_samples": {t: r.n_samples(t) for t in [*r.tasks, *r.probes]},
+                  **({"probes": r.probes, "probe_matrix": arr(r.P)} if r.probes else {}),
                   "seen_so_far": {k: arr(v) for k, v in metrics.seen_so_far(r.R).items()},
                   "trigger_rate": {t: arr(v) for t, v in r.trigger.items()}} for r in a.runs],
-        "mean_matrices": [{"method": m, "order": o.split("->"), "matrix": arr(R)}
+        "mean_matrices": [{"method": m, "order": o.split("->"), "matrix": arr(R),
+                           **({"probes": a.probes, "probe_matrix": arr(a.mean_probe_matrices[(m, o)])}
+                              if (m, o) in a.mean_probe_matrices else {})}
                           for (m, o), R in a.mean_matrices.items()],
     }
