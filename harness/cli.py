@@ -87,7 +87,18 @@ class _Progress:
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
         if kind == "eval_start":
             self.p.update(self.bar, description=f"{info['method']}: eval row {info['row']} on {info['task']}")
+        elif kind == "eval_progress":  # inside a cell (harness/progress.py): a bar on a terminal, else a line
+            line = f"  eval row {info['row']} {info['task']}: {info['text']}"
+            if self.p.console.is_terminal:
+                if getattr(self, "eval_bar", None) is None:
+                    self.eval_bar = self.p.add_task(line, total=info["total"])
+                self.p.update(self.eval_bar, completed=info["done"], description=line)
+            elif info["line_due"]:
+                self.p.console.print(f"  {info['method']:>10}{line}")
         elif kind == "eval_end":
+            if getattr(self, "eval_bar", None) is not None:
+                self.p.remove_task(self.eval_bar)
+                self.eval_bar = None
             self.p.advance(self.bar)
             self.p.console.print(f"  {info['method']:>10} row {info['row']} {info['task']:<12} "
                                  f"acc {info['accuracy']:6.2f}%  (n={info['n']}, {info['seconds']:.1f}s)")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from harness.progress import advance as cell_advance
+
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), so left padding stays small."""
@@ -92,6 +94,7 @@ def generate_greedy(
     if _greedy_backend is not None and (done := _greedy_backend(model, tokenizer, prompts, max_new_tokens)) is not None:
         if progress is not None:
             progress(len(prompts))
+        cell_advance(len(prompts), sum(len(ids) for ids in tokenizer(list(done), add_special_tokens=False).input_ids))
         return done
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
@@ -117,4 +120,5 @@ def generate_greedy(
             out[i] = tokenizer.decode(new[row], skip_special_tokens=True)
         if progress is not None:
             progress(len(idx))
+        cell_advance(len(idx), int((new != tokenizer.pad_token_id).sum()))  # the cell's progress (harness/progress.py)
     return out

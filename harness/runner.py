@@ -26,6 +26,7 @@ from harness.distributed import barrier, is_main, map_sharded
 from harness.generation import stop_token_ids
 from harness.methods import Method, build_method
 from harness.models import LoadedModel, chat_template_record, load_run_model, model_record
+from harness.progress import cell_progress
 from harness.seeding import derive_seed, set_seed
 from harness.store import (
     atomic_dir,
@@ -75,11 +76,14 @@ def split_matrix_columns(columns: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def evaluate(
-    method: Method, task: Task, examples: Sequence[Example], max_new_tokens: int, tokenizer: Any = None
+    method: Method, task: Task, examples: Sequence[Example], max_new_tokens: int, tokenizer: Any = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[CellResult, list[dict[str, Any]]]:
     """Generate with the method, score with the task (never with the method), return the cell and samples.
 
     Under ``accelerate launch`` the examples are sharded across processes and the records gathered in order.
+    ``on_progress`` gets ``harness.progress`` snapshots (examples done, tokens/s, ETA) after each generated batch
+    of this process's shard (single-turn tasks; a multi-turn task's generate calls are turns, not examples).
     """
     # Multi-turn tasks (harness/agent.py) own the episode loop and call method.generate once per turn.
     rollout = getattr(task, "rollout", None)
@@ -88,7 +92,8 @@ def evaluate(
         if rollout is not None:
             completions = rollout(method, shard, max_new_tokens, tokenizer)
         else:
-            completions = method.generate(task, shard, max_new_tokens)
+            with cell_progress(len(shard), on_progress):
+                completions = method.generate(task, shard, max_new_tokens)
         if len(completions) != len(shard):
             raise RuntimeError(f"method {method.name} returned {len(completions)} completions for {len(shard)} prompts")
         prompts = None if rollout is not None else getattr(method, "last_prompts", None)
@@ -354,7 +359,9 @@ def _run_stages(method_name: str, cfg: RunConfig, run_dir: Path, lm: LoadedModel
                 done, samples = hit
                 result = CellResult(**{k: done[k] for k in ("accuracy", "n", "correct", "seconds")})
             else:
-                result, samples = evaluate(method, task, examples, budget, lm.tokenizer)
+                where = {"method": method_name, "row": stage, "task": task.name}  # progress inside the cell
+                result, samples = evaluate(method, task, examples, budget, lm.tokenizer,
+                                           on_progress=lambda p, w=where: notify("eval_progress", {**w, **p}))
                 if key and main:
                     eval_cache.store(_cache_root(cfg), key, result.__dict__, samples)
             generated = sum(len(ids) for ids in lm.tokenizer([s["completion"] for s in samples])["input_ids"])

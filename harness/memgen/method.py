@@ -67,7 +67,7 @@ import torch
 
 from harness.config import RunConfig, from_dict, to_dict
 from harness.generation import length_sorted_batches
-from harness.memgen.generation import delimiter_mask, memgen_generate
+from harness.memgen.generation import completion_length, delimiter_mask, memgen_generate
 from harness.memgen.options import PER_TASK, MemGenOptions
 from harness.memgen.retrieval import WeaverRetrieval
 from harness.memgen.rl_stages import build_trigger, phase_hook, train_grpo_stage, train_trigger_stage
@@ -76,6 +76,7 @@ from harness.memgen.trigger import TriggerRecorder, load_trigger, save_trigger
 from harness.memgen.turns import turn_points
 from harness.memgen.weaver import MemGenModel
 from harness.models import LoadedModel, load_model
+from harness.progress import advance as cell_advance
 from harness.seeding import derive_seed, set_seed
 from harness.training import steps_for, tokenize_prompt_target
 from tasks.base import Example, Task
@@ -243,6 +244,8 @@ class MemGen:
             for row, i in enumerate(idx):
                 self.last_records[i] = {"insertions": res.insertions[row], "trigger_queried": asked[row],
                                         "trigger_inserted": inserted[row]}
+            cell_advance(len(idx), sum(completion_length(res.sequences[row].tolist(), self.mm.stop_ids())
+                                       for row in range(len(idx))))  # the cell's progress (harness/progress.py)
         return out
 
     def save(self, path: Path) -> None:
