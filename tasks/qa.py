@@ -4,7 +4,8 @@
 QA is closed-book by default (one turn, ``<answer>...</answer>``). Given a corpus (``options.corpus``: a JSONL of
 passages with a ``text`` field, relative paths read from the data directory), the model may call
 ``<search>query</search>`` and gets the top-k BM25 passages (``bm25s``) back as ``<information>...</information>``,
-Search-R1 style, through the multi-turn loop of ``harness.agent``, until it answers or runs out of turns.
+Search-R1 style, through the multi-turn loop of ``harness.agent``, until it answers or runs out of turns. The corpus
+is read through ``datasets`` (memory-mapped) and its index saved once and reloaded (``harness/bm25.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.agent import AgentConfig, InvalidAction, Message, parse_tagged, render_messages, run_episodes
-from tasks.base import DefinedTask, Example, TaskDefinition, TaskError, data_dir, read_jsonl, subsample
+from harness.bm25 import BM25, Corpus, corpus_index
+from tasks.base import DefinedTask, Example, TaskDefinition, TaskError, data_dir, subsample
 
 # --- answer normalisation and scores (pure) -----------------------------------------------------------------
 
@@ -78,47 +80,20 @@ def extract_answer(text: str) -> str | None:
 # --- retrieval -------------------------------------------------------------------------------------------------
 
 
-class BM25Index:
-    """Top-k passages for a query, over a list of passages, with ``bm25s`` (sparse BM25, English stopwords)."""
-
-    def __init__(self, passages: list[str]):
-        import bm25s
-
-        if not passages:
-            raise TaskError("the search corpus is empty; give a JSONL with one {\"text\": ...} passage per line")
-        self.passages = passages
-        self._bm25s = bm25s
-        self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
-
-    def search(self, query: str, k: int = 3) -> list[str]:
-        tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
-        if not tokens.vocab:  # only stopwords/punctuation: nothing to match
-            return []
-        docs, scores = self.retriever.retrieve(tokens, k=min(k, len(self.passages)), show_progress=False)
-        return [self.passages[int(d)] for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
-
-
-def read_corpus(path: Path) -> list[str]:
-    """Passages from a JSONL file: ``text`` (and an optional ``title`` prefixed to it)."""
-    out = []
-    for row in read_jsonl(path):
-        if "text" not in row:
-            raise TaskError(f"{path}:{row['_line']}: corpus rows need a 'text' field (optionally 'title')")
-        out.append(f"{row['title']}: {row['text']}" if row.get("title") else str(row["text"]))
-    return out
-
-
 @cache
-def _index_for(path: str) -> BM25Index:
-    return BM25Index(read_corpus(Path(path)))
+def _index_for(path: str) -> tuple[Corpus, BM25]:
+    """The corpus (memory-mapped through ``datasets``) and its BM25 index, built once and then reloaded from the
+    cache (``harness/bm25.py``); kept for the process's lifetime."""
+    return corpus_index(Path(path))
 
 
 class SearchEnvironment:
     """One question: ``<search>q</search>`` returns passages, ``<answer>a</answer>`` ends the episode with its score."""
 
-    def __init__(self, first_message: str, index: BM25Index, aliases: list[str], top_k: int, metric: str):
-        self.first, self.index, self.aliases, self.top_k, self.metric = first_message, index, aliases, top_k, metric
+    def __init__(self, first_message: str, search: tuple[Corpus, BM25], aliases: list[str], top_k: int,
+                 metric: str):
+        self.first, self.aliases, self.top_k, self.metric = first_message, aliases, top_k, metric
+        self.corpus, self.index = search
 
     def reset(self) -> str:
         return self.first
@@ -128,7 +103,7 @@ class SearchEnvironment:
         if kind == "answer":
             r = QA_METRICS[self.metric](arg, self.aliases)
             return "", r, True, {"success": r >= 1.0}
-        docs = self.index.search(arg, self.top_k)
+        docs = [self.corpus[i] for i, _ in self.index.top(arg, self.top_k)]
         body = "\n".join(f"Doc {i + 1}: {d}" for i, d in enumerate(docs)) or "No results."
         return f"<information>\n{body}\n</information>", 0.0, False, {}
 
