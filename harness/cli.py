@@ -285,6 +285,10 @@ def sweep(
             spec = dataclasses.replace(spec, base={**spec.base, "probes": probes})
         resolve_probes(spec.sequence, cell_config(spec, cells(spec, out)[0]).probes)  # one line, before writing
         grid = cells(spec, out)
+        from harness.preflight import preflight_cells
+
+        preflight_cells([(f"{c.method} order={c.sequence} seed={c.seed}", cell_config(spec, c), c.run_dir)
+                         for c in grid if not c.complete()])  # every cell valid before any runs or is written
         if accelerate_config and not emit and num_processes < 2:
             raise ConfigError("--accelerate-config needs --num-processes N (N >= 2) to run cells locally")
         if emit:

@@ -1,4 +1,4 @@
-"""Validate a whole command before anything loads or is written (``run``, ``config``, ``sweep`` cells, ``eval``).
+"""Validate a whole command before anything loads or is written (``run``, ``config``, every ``sweep`` cell, ``eval``).
 
 A typo in ``--model``, a method option or ``--data-dir`` used to fail after ``config.json`` was written, and the
 corrected command with the same ``--out`` was then refused. ``preflight`` checks, cheaply and in this order:
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,24 @@ def preflight(cfg: RunConfig, model: bool = True, data: bool = True) -> RunConfi
         raise ConfigError("system_prompt needs a chat template; with chat_template=none put the text in the "
                           "task's prompt")
     return check_model(cfg) if model else cfg
+
+
+def preflight_cells(cells: Sequence[tuple[str, RunConfig, Path]]) -> None:
+    """A sweep's cells, each ``(label, config, run directory)``, validated as ``run`` validates one command
+    (``preflight``, then the ``--out`` lock) before any cell runs or anything is written: the first bad cell
+    fails the whole sweep with one line naming it. Cells that differ only in seed and output are checked once."""
+    from harness.config import to_dict
+    from harness.runner import _check_resumable
+    from tasks.base import TaskError
+
+    seen: set[str] = set()
+    for label, cfg, run_dir in cells:
+        key = json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("seed", "out")}, sort_keys=True,
+                         default=str)
+        try:
+            if key not in seen:
+                preflight(cfg)
+                seen.add(key)
+            _check_resumable(run_dir, cfg)
+        except (ConfigError, TaskError, ModelLoadError, FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"sweep cell {label}: {exc}") from exc
