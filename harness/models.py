@@ -187,6 +187,42 @@ def _split_model_args(model_args: dict[str, Any] | None) -> tuple[dict[str, Any]
     return model_kw, tok_kw
 
 
+HUB_PROBE_SECONDS = 3.0  # how long the reachability probe of the Hub waits for a TCP connection
+
+
+def hub_config_cached(name: str, conf_kw: dict[str, Any]) -> bool:
+    """Whether Hub id ``name``'s config.json is in the local Hugging Face cache. When it is not and the Hub cannot
+    be used (``HF_HUB_OFFLINE=1``, or no TCP connection to it within ``HUB_PROBE_SECONDS``), raises a one-line
+    ``ModelLoadError`` at once: ``from_pretrained`` would otherwise spend ~25 s retrying before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    sub = conf_kw.get("subfolder")
+    try:
+        found = try_to_load_from_cache(name, f"{sub}/config.json" if sub else "config.json",
+                                       revision=conf_kw.get("revision"))
+    except ValueError:  # not a valid repo id: let from_pretrained name the problem
+        return False
+    if isinstance(found, str):
+        return True
+    hint = f"download it where the Hub is reachable (`hf download {name}`) or pass a local folder"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                             f"{hint}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # behind a proxy a direct connection says nothing: leave it to from_pretrained
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and the Hub ({url.hostname}) "
+                             f"is unreachable ({type(exc).__name__}); {hint}, or set HF_HUB_OFFLINE=1 to fail "
+                             f"fast") from exc
+    return False
+
+
 def checkpoint_dtype(name: str, model_args: dict[str, Any] | None = None) -> str:
     """The dtype the checkpoint's config declares (fp32 when it declares none), from a cheap config load."""
     if name in BUILTIN_MODELS or name.endswith(".gguf"):
@@ -195,6 +231,8 @@ def checkpoint_dtype(name: str, model_args: dict[str, Any] | None = None) -> str
 
     model_kw, _ = _split_model_args(model_args)
     conf_kw = {k: v for k, v in model_kw.items() if k in ("revision", "trust_remote_code", "subfolder", "token")}
+    if not Path(name).is_dir() and hub_config_cached(name, conf_kw):
+        conf_kw["local_files_only"] = True  # in the local cache: no Hub round trip (nor its retries when offline)
     try:
         conf = AutoConfig.from_pretrained(name, **conf_kw)
     except Exception as exc:  # noqa: BLE001 - one line naming the model
