@@ -31,16 +31,18 @@ class TrainConfig:
 
     train_limit: int | None = 256
     """Training examples per task (seeded subsample); None = the whole train split."""
-    max_steps: int = 96
-    """Optimizer steps per task; 0 = derive from ``epochs``."""
+    max_steps: int = 24
+    """Optimizer steps per task; 0 = derive from ``epochs``. 24 x batch 8 at lr 1e-3 is the laptop default: on
+    ``quick`` it lets SFT and MemGen learn within the 2-core CPU budget (README "What a run does")."""
     epochs: float = 1.0
     """Passes over the training examples when ``max_steps`` is 0."""
     batch_size: int = 8
     """Examples per optimizer step (per process)."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
-    lr: float = 3e-4
-    """Peak learning rate (LoRA default; use ~1e-5 for full fine-tuning)."""
+    lr: float = 1e-3
+    """Peak learning rate (LoRA and MemGen-weaver default at the short default schedule; use ~1e-5 for full
+    fine-tuning, and the paper profiles' rates under ``configs/paper``)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
@@ -87,8 +89,9 @@ class RLConfig:
 class EvalConfig:
     """How every cell of the accuracy matrix is measured."""
 
-    limit: int | None = 64
-    """Test examples per task (seeded subsample); None = the whole test split."""
+    limit: int | None = 32
+    """Test examples per task (seeded subsample); None = the whole test split. 32 keeps the default run short (a
+    cell's 95% CI is then about +-17 points); sweeps that compare methods use 128 or more."""
     batch_size: int = 16
     """Prompts per generation batch."""
     max_new_tokens: int | None = None
@@ -115,7 +118,7 @@ class RunConfig:
     probes: tuple[str, ...] | None = None
     """General-ability probes: tasks evaluated in every row of the matrix (init included) and never trained on.
     None = the named sequence's own ``probes:`` (none for an inline list); ``[]`` or ``none`` = no probes."""
-    methods: tuple[str, ...] = ("vanilla", "sft")
+    methods: tuple[str, ...] = ("vanilla", "sft", "memgen")
     """Methods to run, each in its own run directory under ``out``."""
     model: str = "smollm2-135m"
     """Reasoner: Hub id, local folder, .gguf file, ``smollm2-135m`` or ``tiny-random``."""

@@ -55,16 +55,17 @@ def arith(split: str, n_train: int = 2000, n_test: int = 300, seed: int = 0) -> 
     return _dedupe(make(split), split, make)
 
 
-def reverse(split: str, n_train: int = 2000, n_test: int = 300, seed: int = 0, length: int = 5) -> list[Example]:
-    """Reverse a list of words (symbol manipulation; the answer is the reversed list)."""
+def reverse(split: str, n_train: int = 2000, n_test: int = 300, seed: int = 0, length: int = 5,
+            sep: str = " ") -> list[Example]:
+    """Reverse a list of words (symbol manipulation; the answer is the reversed list, words joined by ``sep``)."""
 
     def make(sp: str) -> list[Example]:
         rng = _stream("reverse", sp, seed)
         out = []
         for i in range(n_train if sp == "train" else n_test):
             items = rng.sample(WORDS, length)
-            q = "Reverse the order of these words: " + " ".join(items)
-            ans = " ".join(reversed(items))
+            q = "Reverse the order of these words: " + sep.join(items)
+            ans = sep.join(reversed(items))
             out.append(Example(id=f"reverse-{sp}-{i}", question=q, answer=ans, target=f"Answer: {ans}"))
         return out
 

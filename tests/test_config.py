@@ -8,7 +8,8 @@ from harness.config import ConfigError, RunConfig, apply_overrides, from_dict, t
 def test_defaults_roundtrip():
     cfg = RunConfig()
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
-    assert cfg.sequence == "quick" and cfg.methods == ("vanilla", "sft") and cfg.model == "smollm2-135m"
+    assert cfg.sequence == "quick" and cfg.methods == ("vanilla", "sft", "memgen") and cfg.model == "smollm2-135m"
+    assert cfg.train.max_steps == 24 and cfg.train.lr == 1e-3 and cfg.eval.limit == 32
 
 
 def test_overrides_and_types():
