@@ -6,6 +6,11 @@ batches; the median of each is reported with their ratio. Peak memory: CUDA max 
 process's peak resident set (ru_maxrss) after the MemGen steps, before the SFT model is built.
 
     python benchmarks/bench_memgen_sft.py --steps 4
+    python benchmarks/bench_memgen_sft.py --steps 4 --breakdown   # + where a weaver step's time goes
+
+``--breakdown`` times the phases of each MemGen step: the reasoner's chunk forwards (``WovenState.feed``), the
+weaver's forwards (``WovenState.weave``), the rest of the forward (embedding, lm_head, cross-entropy), the backward
+and the optimizer step, as medians over the timed steps and shares of the step.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from harness.config import TrainConfig  # noqa: E402
 from harness.memgen.generation import delimiter_mask  # noqa: E402
 from harness.memgen.options import MemGenOptions  # noqa: E402
 from harness.memgen.sft import build_woven_batch, delimiter_points, sft_loss  # noqa: E402
-from harness.memgen.weaver import MemGenModel  # noqa: E402
+from harness.memgen.weaver import MemGenModel, WovenState  # noqa: E402
 from harness.models import load_model  # noqa: E402
 from harness.training import lora_config, pad_right, tokenize_prompt_target  # noqa: E402
 from tasks.registry import get_task  # noqa: E402
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--breakdown", action="store_true", help="time the phases of each MemGen step")
     args = ap.parse_args()
 
     lm = load_model(args.model, device=args.device)
@@ -51,18 +57,43 @@ def main() -> None:
             for e in task.load("train", limit=args.batch * (args.steps + 1))]
     batches = [rows[i * args.batch : (i + 1) * args.batch] for i in range(args.steps + 1)]
 
+    phases: dict[str, list[float]] = {}
+    clock: dict[str, float] = {}
+    if args.breakdown:  # wrap the two chunk forwards of the woven replay with timers (benchmark only)
+        for name in ("feed", "weave"):
+            original = getattr(WovenState, name)
+
+            def timed_call(self, *a, _f=original, _n=name, **kw):
+                t0 = time.perf_counter()
+                out = _f(self, *a, **kw)
+                clock[_n] = clock.get(_n, 0.0) + time.perf_counter() - t0
+                return out
+
+            setattr(WovenState, name, timed_call)
+
     def memgen_step(b) -> None:
+        clock.clear()
+        t0 = time.perf_counter()
         prompts = [r["input_ids"][: r["prompt_len"]] for r in b]
         targets = [r["input_ids"][r["prompt_len"] :] for r in b]
         wb = build_woven_batch(prompts, targets, [delimiter_points(t, is_delim, opts.max_insertions) for t in targets],
                                opts.k_prompt, opts.k_infer, tok.pad_token_id, args.device)
         loss = sft_loss(mm, wb)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt_m.step()
         opt_m.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        feed, weave = clock.get("feed", 0.0), clock.get("weave", 0.0)
+        for key, value in (("reasoner forward (feed)", feed), ("weaver forward (weave)", weave),
+                           ("rest of forward", t1 - t0 - feed - weave), ("backward", t2 - t1),
+                           ("optimizer", t3 - t2)):
+            phases.setdefault(key, []).append(value)
 
     opt_m = torch.optim.AdamW(mm.weaver_parameters(), lr=1e-4)
-    mm.peft.train()
+    weaver_dropout = mm.weaver_dropout(True)  # as train_weaver: only the weaver's LoRA dropout trains
+    weaver_dropout.__enter__()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     memgen_step(batches[0])  # warm-up; also the memory peak of a MemGen step, before the SFT model exists
@@ -97,6 +128,12 @@ def main() -> None:
           f"{[round(t, 2) for t in t_mem]}; peak {peak}")
     print(f"LoRA SFT step on the same rows: median {statistics.median(t_sft):.2f} s/step {[round(t, 2) for t in t_sft]}")
     print(f"ratio memgen/sft step time = {statistics.median(t_mem) / statistics.median(t_sft):.2f}")
+    if args.breakdown:
+        n = len(t_mem)
+        total = sum(statistics.median(v[-n:]) for v in phases.values())
+        for key, v in phases.items():
+            med = statistics.median(v[-n:])
+            print(f"  {key:<24} {med:6.2f} s  {100 * med / total:5.1f}%")
 
 
 if __name__ == "__main__":
