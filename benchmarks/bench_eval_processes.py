@@ -64,7 +64,7 @@ def run_side(args: argparse.Namespace, procs: int, cores: int) -> dict:
             cmd = [sys.executable, *common]
         else:
             # --multi_gpu starts procs processes through torchrun; on CPU ACCELERATE_USE_CPU makes them gloo
-            # processes (accelerate's --cpu launcher would start only one: see harness/cli.py _relaunch).
+            # processes (accelerate's --cpu launcher would start only one: see harness/cli/launch.py _relaunch).
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", "0", *common]
