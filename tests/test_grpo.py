@@ -4,33 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stand_in_tasks import LetterTask
 
 from baselines.grpo import GRPO, build_trainer, grpo_config, parse_options
 from harness import rl
 from harness.config import ConfigError, RLConfig, RunConfig, TrainConfig
-from tasks.base import Example, render_prompt
-
-
-class LetterTask:
-    """A real task whose score varies on random text: the fraction of ASCII letters in the completion.
-
-    The tiny random model almost never scores on the benchmark tasks, which would give GRPO zero advantages and
-    nothing to test; this scorer gives every group a spread of rewards."""
-
-    name, version, domain, max_new_tokens = "letters", "1", "test", 8
-
-    def load(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-        return [Example(id=f"l{i}", question=f"Write some letters ({i}).", answer="", target="abc")
-                for i in range(limit or 8)]
-
-    def prompt(self, example: Example, tokenizer=None) -> str:
-        return render_prompt(example.question, tokenizer)
-
-    def extract(self, completion: str) -> str | None:
-        return completion
-
-    def score(self, completion: str, example: Example) -> float:
-        return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
 
 
 def _cfg(kl: float = 0.0, reference: str = "init", **train) -> RunConfig:

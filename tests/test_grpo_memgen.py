@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stand_in_tasks import LetterTask
 
 from harness.memgen.grpo import (
     WeaverGRPOSchedule,
@@ -16,26 +17,7 @@ from harness.memgen.grpo import (
 from harness.memgen.options import MemGenOptions
 from harness.memgen.sft import build_woven_batch, woven_forward, woven_logprobs
 from harness.memgen.weaver import MemGenModel
-from tasks.base import Example, render_prompt
-
-
-class LetterTask:
-    """A real task whose score varies on random text: the fraction of ASCII letters in the completion."""
-
-    name, version, domain, max_new_tokens = "letters", "1", "test", 8
-
-    def load(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-        return [Example(id=f"l{i}", question=f"Write some letters ({i}).", answer="", target="abc")
-                for i in range(limit or 8)]
-
-    def prompt(self, example: Example, tokenizer=None) -> str:
-        return render_prompt(example.question, tokenizer)
-
-    def extract(self, completion: str) -> str | None:
-        return completion
-
-    def score(self, completion: str, example: Example) -> float:
-        return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
+from tasks.base import render_prompt
 
 
 def _mm(tiny) -> MemGenModel:

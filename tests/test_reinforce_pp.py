@@ -6,31 +6,13 @@ import random
 
 import pytest
 import torch
+from stand_in_tasks import LetterTask
 
 from baselines.reinforce_pp import ReinforcePP, completion_mask, parse_options, prompt_batches, token_logps
 from harness.config import ConfigError, RLConfig, RunConfig, TrainConfig
 from harness.runner import run_method
 from harness.store import read_json
 from tasks.base import Example, render_prompt
-
-
-class LetterTask:
-    """A real task whose score varies on random text: the fraction of ASCII letters in the completion."""
-
-    name, version, domain, max_new_tokens = "letters", "1", "test", 8
-
-    def load(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-        return [Example(id=f"l{i}", question=f"Write some letters ({i}).", answer="", target="abc")
-                for i in range(limit or 8)]
-
-    def prompt(self, example: Example, tokenizer=None) -> str:
-        return render_prompt(example.question, tokenizer)
-
-    def extract(self, completion: str) -> str | None:
-        return completion
-
-    def score(self, completion: str, example: Example) -> float:
-        return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
 
 
 class ConstTask(LetterTask):
