@@ -3,6 +3,8 @@ SFT's budget-related options (MLP LoRA targets, max_length that never cuts a tar
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -119,6 +121,9 @@ def test_runner_sums_budgets_and_report_prints_them(tmp_path):
     assert b["train_tokens"] > stage1["train_tokens"] > 0 and b["generated_tokens"] == 0
     assert b["wall_seconds"] >= stage1["wall_seconds"] > 0 and b["peak_memory_mb"] > 0
     assert vanilla["budget"]["optimizer_steps"] == 0 and vanilla["budget"]["trainable_params"] == 0
+    partial = tmp_path / "memgen"  # an unfinished run (as a sweep leaves it mid-way): left out, as in the metrics
+    partial.mkdir()
+    (partial / "summary.json").write_text(json.dumps({**sft, "method": "memgen", "complete": False}))
     table = budget_table([tmp_path])
     assert list(table["method"]) == ["sft", "vanilla"] and list(table["steps"]) == [4, 0]
     r = CliRunner().invoke(app, ["report", str(tmp_path)], catch_exceptions=False)

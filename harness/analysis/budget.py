@@ -22,10 +22,13 @@ COLUMNS = {"examples_seen": "examples", "optimizer_steps": "steps", "train_token
 
 
 def run_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per run below ``paths``: method, seed, task order and the run's budget (None where not recorded)."""
+    """One row per finished run below ``paths``: method, seed, task order and the run's budget (None where not
+    recorded). Unfinished runs are left out, as in the metric tables (their budget covers only some stages)."""
     rows = []
     for run in find_runs(paths):
         s = read_json(run / "summary.json")
+        if not s.get("complete"):
+            continue
         b = s.get("budget") or {}
         rows.append({"method": s.get("method", run.name), "seed": s.get("seed"),
                      "tasks": "->".join(s.get("tasks", [])), "stages": b.get("stages"),
