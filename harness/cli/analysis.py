@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from harness.cli.common import USER_ERRORS, _fail, app, build_config, console
+from harness.cli.common import METHODS_HELP, USER_ERRORS, _fail, app, build_config, console
 from harness.methods import check_methods
 
 
@@ -140,7 +140,7 @@ def trigger_ablation_cmd(
 @app.command()
 def transfer(
     sequence: str = typer.Option(None, help="Tasks to cross (named sequence or 'a,b,c'; default: quick)."),
-    methods: str = typer.Option(None, help="Comma-separated methods (default: vanilla,sft)."),
+    methods: str = typer.Option(None, help=METHODS_HELP),
     model: str = typer.Option(None, help="Reasoner model."),
     seed: int = typer.Option(None, help="Master seed."),
     limit: int = typer.Option(None, help="Cap train and test examples per task."),

@@ -20,6 +20,8 @@ console = Console(stderr=True, soft_wrap=True)  # log files get whole lines, not
 USER_ERRORS = (ConfigError, TaskError, ModelLoadError, NonFiniteLossError, FileNotFoundError, ValueError)
 DTYPE_HELP = "fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; fp32 on CPU unless native bf16)."
 DEVICE_HELP = "cpu, cuda or cuda:N."
+# From RunConfig itself, so the help cannot drift from the default it describes.
+METHODS_HELP = f"Comma-separated methods (default: {','.join(RunConfig().methods)})."
 PROBES_HELP = "Comma-separated probe tasks, evaluated in every row and never trained ('none': no probes; " \
               "default: the sequence's own probes)."
 

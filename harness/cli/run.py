@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.cli.common import (
     DEVICE_HELP,
     DTYPE_HELP,
+    METHODS_HELP,
     PROBES_HELP,
     USER_ERRORS,
     _fail,
@@ -32,7 +33,7 @@ from harness.sharded import SHARDING_METHODS, unsharded_methods
 def run(
     sequence: str = typer.Option(None, help="Named sequence or inline 'a,b,c' (default: quick)."),
     probes: str = typer.Option(None, help=PROBES_HELP),
-    methods: str = typer.Option(None, help="Comma-separated methods (default: vanilla,sft)."),
+    methods: str = typer.Option(None, help=METHODS_HELP),
     model: str = typer.Option(None, help="Hub id, local folder, .gguf, smollm2-135m or tiny-random."),
     seed: int = typer.Option(None, help="Master seed (default 0)."),
     limit: int = typer.Option(None, help="Cap train and test examples per task (smoke runs)."),
