@@ -72,15 +72,18 @@ from harness.distributed import (
     world,
 )
 from harness.generation import generate_greedy
+from harness.logprobs import token_logprobs
 from harness.models import LoadedModel
 from harness.seeding import derive_seed, set_seed
 from harness.sharded import (
     deepspeed_prepare,
     fsdp_prepare,
+    fsdp_sharded,
     gather_weights,
     release_engine,
     shard_weights,
     whole_weights,
+    zero3,
 )
 from harness.training import (
     NonFiniteLossError,
@@ -172,15 +175,31 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> to
 
 
 def token_logps(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, temperature: float = 1.0
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, temperature: float = 1.0,
+    chunked: bool = True,
 ) -> torch.Tensor:
-    """Log-probabilities of the last ``n_completion`` tokens under ``model`` at ``temperature``. (B, C)"""
+    """Log-probabilities of the last ``n_completion`` tokens under ``model`` at ``temperature``. (B, C)
+
+    ``chunked``: the model returns its final hidden states and ``harness.logprobs.token_logprobs`` takes the
+    selected tokens' log-probs chunk by chunk, so no (B, C, V) fp32 tensor exists (nor is kept for backward).
+    ``chunked=False`` (or a head that is more than one linear map: logit soft-capping or scaling) takes the full
+    logits. The caller turns it off under FSDP2/ZeRO-3, where the head's weight is sharded outside the forward."""
     # Left padding: positions count real tokens only, as ``generate`` does, so the log-probs match the sampler's.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    targets = input_ids[:, -n_completion:]  # (B, C)
+    base = getattr(model, "module", model)  # DDP / DeepSpeed engine -> the (peft) model
+    config = getattr(base, "config", None)
+    plain_head = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if chunked and plain_head:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=1, output_hidden_states=True)
+        h = out.hidden_states[-1][:, -n_completion - 1 : -1]  # (B, C, d): the normed state before each token
+        B, C, d = h.shape
+        flat = token_logprobs(h.reshape(B * C, d), base.get_output_embeddings(), targets.reshape(-1), temperature)
+        return flat.view(B, C)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=n_completion + 1).logits[:, :-1].float()  # (B, C, V)
     logits = logits / temperature
-    targets = input_ids[:, -n_completion:]  # (B, C)
     # log_softmax(x)[y] = x[y] - logsumexp(x): avoids materialising a second (B, C, V) tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
@@ -251,7 +270,10 @@ class ReinforcePP:
         return Rollout(out, torch.cat([am, cmask], dim=1), cmask, texts)
 
     def _logps(self, model: Any, r: Rollout) -> torch.Tensor:
-        return token_logps(model, r.input_ids, r.attention_mask, r.completion_mask.shape[1], self.opts.temperature)
+        # chunked head unless the head's weight is sharded outside the forward (FSDP2, ZeRO-3)
+        chunked = not (fsdp_sharded(self.model) or zero3(self.engine))
+        return token_logps(model, r.input_ids, r.attention_mask, r.completion_mask.shape[1], self.opts.temperature,
+                           chunked=chunked)
 
     @torch.no_grad()
     def reference_logps(self, r: Rollout) -> torch.Tensor:

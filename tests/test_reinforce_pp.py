@@ -58,6 +58,32 @@ def test_token_logps_match_the_sampler_with_left_padding(tiny):
     torch.testing.assert_close(ours, sampler, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_token_logps_equal_the_full_logits_values_and_gradients(tiny):
+    """The chunked head (no (B, C, V) fp32 tensor) gives the full-logits values and LoRA gradients to 1e-5."""
+    method = ReinforcePP(tiny(0), _cfg(), {})
+    policy = method.model
+    with torch.no_grad():  # a non-zero adapter, so the gradients reach both LoRA matrices
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, policy.config.vocab_size, (3, 11), generator=g)  # (B, P + C)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding on one row
+    values, grads = {}, {}
+    for chunked in (False, True):
+        policy.zero_grad(set_to_none=True)
+        logp = token_logps(policy, ids, mask, 5, temperature=0.7, chunked=chunked)  # (B, C)
+        assert logp.shape == (3, 5)
+        (logp * torch.arange(1.0, 6.0)).sum().backward()
+        values[chunked] = logp.detach()
+        grads[chunked] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(values[True], values[False], atol=1e-5, rtol=1e-5)
+    assert grads[True].keys() == grads[False].keys() and any("lora_A" in n for n in grads[True])
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_lora_training_moves_only_the_adapter_and_round_trips(tiny, tmp_path):
     opts = {"samples_per_prompt": 4, "prompts_per_step": 2, "max_completion_length": 8}
