@@ -92,36 +92,35 @@ def main() -> None:
             phases.setdefault(key, []).append(value)
 
     opt_m = torch.optim.AdamW(mm.weaver_parameters(), lr=1e-4)
-    weaver_dropout = mm.weaver_dropout(True)  # as train_weaver: only the weaver's LoRA dropout trains
-    weaver_dropout.__enter__()
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    memgen_step(batches[0])  # warm-up; also the memory peak of a MemGen step, before the SFT model exists
-    memgen_step(batches[1])
-    if args.device.startswith("cuda"):
-        peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA max allocated"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB process peak RSS"
+    with mm.weaver_dropout(True):  # as train_weaver: only the weaver's LoRA dropout trains (left on for SFT too)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        memgen_step(batches[0])  # warm-up; also the memory peak of a MemGen step, before the SFT model exists
+        memgen_step(batches[1])
+        if args.device.startswith("cuda"):
+            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA max allocated"
+        else:
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB process peak RSS"
 
-    from peft import get_peft_model
+        from peft import get_peft_model
 
-    sft_model = get_peft_model(load_model(args.model, device=args.device).model, lora_config(TrainConfig()))
-    sft_model.train()
-    opt_s = torch.optim.AdamW([p for p in sft_model.parameters() if p.requires_grad], lr=1e-4)
+        sft_model = get_peft_model(load_model(args.model, device=args.device).model, lora_config(TrainConfig()))
+        sft_model.train()
+        opt_s = torch.optim.AdamW([p for p in sft_model.parameters() if p.requires_grad], lr=1e-4)
 
-    def sft_step(b) -> None:
-        enc = {k: v.to(args.device) for k, v in pad_right(b, tok.pad_token_id).items()}
-        sft_model(**enc).loss.backward()
-        opt_s.step()
-        opt_s.zero_grad(set_to_none=True)
+        def sft_step(b) -> None:
+            enc = {k: v.to(args.device) for k, v in pad_right(b, tok.pad_token_id).items()}
+            sft_model(**enc).loss.backward()
+            opt_s.step()
+            opt_s.zero_grad(set_to_none=True)
 
-    sft_step(batches[0])
-    t_mem, t_sft = [], []
-    for b in batches[1:]:  # alternate, so both see the same load on this shared machine
-        for fn, out in ((memgen_step, t_mem), (sft_step, t_sft)):
-            t0 = time.perf_counter()
-            fn(b)
-            out.append(time.perf_counter() - t0)
+        sft_step(batches[0])
+        t_mem, t_sft = [], []
+        for b in batches[1:]:  # alternate, so both see the same load on this shared machine
+            for fn, out in ((memgen_step, t_mem), (sft_step, t_sft)):
+                t0 = time.perf_counter()
+                fn(b)
+                out.append(time.perf_counter() - t0)
     n_lat = [len(delimiter_points(r["input_ids"][r["prompt_len"]:], is_delim, opts.max_insertions)) for r in rows]
     print(f"memgen weaver SFT ({args.model}, batch {args.batch}, K={opts.k_prompt}, "
           f"mean latent blocks/row {sum(n_lat) / len(n_lat):.1f}): median {statistics.median(t_mem):.2f} s/step "
