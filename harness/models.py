@@ -190,11 +190,30 @@ def _split_model_args(model_args: dict[str, Any] | None) -> tuple[dict[str, Any]
 HUB_PROBE_SECONDS = 3.0  # how long the reachability probe of the Hub waits for a TCP connection
 
 
+def hub_reachable() -> bool:
+    """Whether the Hub can be asked: not ``HF_HUB_OFFLINE=1`` and a TCP connection to it within
+    ``HUB_PROBE_SECONDS`` (behind a proxy a direct connection says nothing, so it counts as reachable)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
 def hub_config_cached(name: str, conf_kw: dict[str, Any]) -> bool:
     """Whether Hub id ``name``'s config.json is in the local Hugging Face cache. When it is not and the Hub cannot
     be used (``HF_HUB_OFFLINE=1``, or no TCP connection to it within ``HUB_PROBE_SECONDS``), raises a one-line
     ``ModelLoadError`` at once: ``from_pretrained`` would otherwise spend ~25 s retrying before failing."""
-    import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
@@ -211,16 +230,19 @@ def hub_config_cached(name: str, conf_kw: dict[str, Any]) -> bool:
     if constants.HF_HUB_OFFLINE:
         raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
                              f"{hint}")
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # behind a proxy a direct connection says nothing: leave it to from_pretrained
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
-    except OSError as exc:
-        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and the Hub ({url.hostname}) "
-                             f"is unreachable ({type(exc).__name__}); {hint}, or set HF_HUB_OFFLINE=1 to fail "
-                             f"fast") from exc
+    if not hub_reachable():
+        host = urlparse(constants.ENDPOINT).hostname
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and the Hub ({host}) is "
+                             f"unreachable (no connection within {HUB_PROBE_SECONDS:g} s); {hint}, or set "
+                             f"HF_HUB_OFFLINE=1 to fail fast")
     return False
+
+
+def cached_offline(name: str, kw: dict[str, Any]) -> bool:
+    """A Hub id whose files are in the local cache while the Hub cannot be asked: load with ``local_files_only``
+    (``from_pretrained`` would otherwise retry the Hub for ~25 s before falling back to the cache). When the Hub is
+    reachable the cache is not trusted for a branch name (it may be behind), so this is False."""
+    return not Path(name).is_dir() and hub_config_cached(name, kw) and not hub_reachable()
 
 
 def checkpoint_dtype(name: str, model_args: dict[str, Any] | None = None) -> str:
@@ -309,6 +331,11 @@ def load_model(
                 tok.pad_token = tok.eos_token
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch_dtype)
         else:
+            if cached_offline(name, tok_kw):  # no Hub: straight from the cache, without from_pretrained's retries
+                # adapter_kwargs too: AutoModel's adapter-config lookup does not get local_files_only (5.24)
+                adapter_kw = {**model_kw.get("adapter_kwargs", {}), "local_files_only": True}
+                tok_kw = {**tok_kw, "local_files_only": True}
+                model_kw = {**model_kw, "local_files_only": True, "adapter_kwargs": adapter_kw}
             tok = load_tokenizer(name, **tok_kw)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **model_kw)
     except ModelLoadError:
