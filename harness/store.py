@@ -110,7 +110,9 @@ def package_versions() -> dict[str, str | None]:
 
 def hardware_record() -> dict[str, Any]:
     """The machine a run used, from ``torch.utils.collect_env`` (what PyTorch's bug template asks for): GPUs,
-    CUDA compile/runtime and driver versions, cuDNN, OS and the CPU model (about 2 s, once per run)."""
+    CUDA compile/runtime and driver versions, cuDNN, OS and the CPU model (about 2 s, once per run), and torch's
+    intra-op thread count (a different count changes the order of float reductions, so two runs that differ only
+    in it need not agree bit for bit)."""
     try:
         from torch.utils import collect_env
 
@@ -121,7 +123,10 @@ def hardware_record() -> dict[str, Any]:
                 if line.startswith("Model name")), None)
     keys = ("torch_version", "cuda_compiled_version", "cuda_runtime_version", "nvidia_driver_version",
             "nvidia_gpu_models", "cudnn_version", "is_cuda_available", "os", "libc_version", "python_platform")
-    return {**{k: getattr(env, k, None) for k in keys}, "cpu_model": cpu, "cpu_count": os.cpu_count()}
+    import torch
+
+    return {**{k: getattr(env, k, None) for k in keys}, "cpu_model": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def run_metadata(seeds: dict[str, int], task_versions: dict[str, str]) -> dict[str, Any]:

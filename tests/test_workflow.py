@@ -95,6 +95,7 @@ def test_tensorboard_tracking_provenance_and_eval_from_checkpoint(tmp_path):
     assert meta["chat_template"]["sha256"] and meta["chat_template"]["special_tokens"]["eos_token"]["id"] >= 0
     assert meta["data"]["arith"]["test"]["kind"] == "generator"
     assert "torch_version" in meta["hardware"] and "nvidia_driver_version" in meta["hardware"]
+    assert meta["hardware"]["torch_threads"] >= 1
     cell = json.loads((out / "sft" / "cells" / "r1_arith.json").read_text())
     assert cell["generation"]["max_new_tokens"] == 4 and cell["generation"]["stop_token_ids"]
 
