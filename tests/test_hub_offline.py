@@ -1,14 +1,17 @@
 """A Hub model id when the Hub cannot be used: ``memgen-bench config`` resolves a cached one without the network
-and fails an uncached one at once with one line (HF_HUB_OFFLINE=1, or no connection to the Hub), instead of
-~25 s of retries inside ``from_pretrained``."""
+and fails an uncached one at once with one line (HF_HUB_OFFLINE=1, or no connection to the Hub), and ``load_model``
+takes a cached one from the cache, instead of ~25 s of retries inside ``from_pretrained``."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from harness.errors import ModelLoadError
-from harness.models import HUB_PROBE_SECONDS, hub_config_cached
+from harness.models import HUB_PROBE_SECONDS, hub_config_cached, load_tokenizer, tiny_random_model
 from tests.test_workflow import cli, error_line
 
 UNREACHABLE = "https://hub.invalid"  # the reserved .invalid TLD never resolves (RFC 2606)
@@ -71,12 +74,6 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "params": sum(p.numel() f
 def test_load_model_takes_a_cached_hub_model_from_the_cache_when_the_hub_is_unreachable(tmp_path):
     """HF_HUB_OFFLINE unset and no Hub: the cached model loads from the cache at once (``local_files_only``),
     not after from_pretrained's retries of every file it would ask the Hub for."""
-    import os
-    import subprocess
-    import sys
-
-    from harness.models import load_tokenizer, tiny_random_model
-
     root = fake_cache(tmp_path, "memgen-test/tiny-cached")
     snap = next((root / "models--memgen-test--tiny-cached" / "snapshots").iterdir())
     tok = load_tokenizer("tiny-random")
