@@ -7,7 +7,8 @@ Departures from the paper's SFT baseline (MemGen, arXiv 2509.24704, Sec. 5):
   ``train.lr``, e.g. 1e-5).
 - One LoRA adapter is trained on through the whole sequence (that is what continual SFT means); a fresh
   optimizer and schedule per task, seeded from (master seed, stage) so a resumed run repeats exactly.
-- Loss on target tokens only (prompt masked), via ``transformers.Trainer``. Rows keep at least prompt + the task's
+- Loss on target tokens only (prompt masked), via ``transformers.Trainer``; the head's logits are computed only
+  from the first target-predicting position on (``logits_to_keep``), the same loss without the prompt's logits. Rows keep at least prompt + the task's
   generation budget + EOS whatever ``train.max_length`` says (code targets were cut before); targets longer than
   that are cut and counted in ``truncated_targets``.
 - Budget (``harness/budget.py``): distinct targets seen (exact: the Trainer's sampler draws passes without
@@ -40,6 +41,7 @@ from harness.seeding import derive_seed, set_seed
 from harness.sharded import gather_weights, release_engine, shard_weights
 from harness.training import (
     LossGuard,
+    accepts_logits_to_keep,
     load_weights,
     pad_right,
     save_weights,
@@ -75,11 +77,12 @@ class SFT:
         steps = steps_for(t, len(rows))
         shard_weights(self.model)  # FSDP2/ZeRO-3 from an earlier task: the Trainer's optimizer must see the shards
         guard = LossGuard(f"sft on {task.name}", getattr(self, "on_step", None))
+        trim = accepts_logits_to_keep(self.model)  # head and loss on the target positions only (same loss)
         trainer = Trainer(
             model=self.model,
             args=training_arguments(self.cfg, seed, steps, include_num_input_tokens_seen="non_padding"),
             train_dataset=rows,
-            data_collator=lambda b: pad_right(b, self.tokenizer.pad_token_id),
+            data_collator=lambda b: pad_right(b, self.tokenizer.pad_token_id, trim_logits=trim),
             callbacks=[guard],
         )
         # With tqdm disabled, Trainer prints every log dict to stdout; the runner's progress bar shows the loss.

@@ -69,9 +69,12 @@ class Interleave(TrainerCallback):
 
             mm, is_delim, sch, opt, sched, gen = self.memgen
             tok = mm.tokenizer
-            ids = [tok(self.task.prompt(e, tok), add_special_tokens=False).input_ids for e in batch]
+            # GRPO's shape: prompts_per_step prompts x group rollouts (REINFORCE++'s batch has group x as many
+            # prompts; handing it all over made the weaver decode 8x the others' rollouts)
+            mg_batch = batch[: sch.prompts_per_step]
+            ids = [tok(self.task.prompt(e, tok), add_special_tokens=False).input_ids for e in mg_batch]
             t0 = time.perf_counter()
-            st = weaver_grpo_step(mm, self.task, batch, ids, is_delim, sch, opt, sched, gen)
+            st = weaver_grpo_step(mm, self.task, mg_batch, ids, is_delim, sch, opt, sched, gen)
             self.mg_seconds.append(time.perf_counter() - t0)
             self.mg_stats.append(st)
             print(f"step {len(self.mg_seconds):3d}  memgen grpo {self.mg_seconds[-1]:6.2f}s reward {st['reward']:.3f} "

@@ -6,6 +6,9 @@ same model. The cell is cached under a key made of everything that determines it
 template hash), the task (name, version), the exact prompts (their hash), the generation settings (token budget,
 stop tokens, batch size, backend) and the evaluation seed, plus the method's generation identity (``identity``:
 ``base`` for the frozen model's function; None = not cacheable, e.g. MemGen's latents or a retrieval prompt).
+MemGen's row 0 is ``base`` too while it inserts nothing (``insert_before_training`` false, greedy): its decoding
+loop is then token for token ``model.generate`` on the same prompts (``tests/test_memgen_generation.py``), with
+the same stop ids and batches, and it records no per-sample insertion fields.
 A changed prompt, task version, model or adapter misses the cache (tested), and a hit is the recomputed cell byte
 for byte (tested). A sweep points every cell at one cache folder, so row 0 is shared across orders and methods.
 """
@@ -27,7 +30,10 @@ def identity(method: Any) -> str | None:
     """What the method generates with, when that is the frozen base model: ``base``; None otherwise.
 
     Only for methods whose ``generate`` is plain greedy decoding of ``task.prompt`` (``PLAIN_DECODING``), and only
-    while every LoRA B matrix is zero (the adapter adds exactly 0) -- i.e. before any training."""
+    while every LoRA B matrix is zero (the adapter adds exactly 0) -- i.e. before any training; and for MemGen
+    while it inserts no latents and decodes greedily (its reasoner is the frozen base with the adapter off)."""
+    if getattr(method, "name", None) == "memgen":
+        return "base" if method.plain_decoding() else None
     if getattr(method, "name", None) not in PLAIN_DECODING:
         return None
     model = getattr(method, "model", None) or getattr(getattr(method, "lm", None), "model", None)

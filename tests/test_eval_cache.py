@@ -52,6 +52,23 @@ def test_vanilla_and_untrained_sft_share_row_0_byte_for_byte(tmp_path):
         assert "cached" not in json.loads((out / "sft" / "cells" / f"r1_{task}.json").read_text())  # trained rows
 
 
+@pytest.mark.slow
+def test_memgen_row_0_without_latents_is_the_frozen_models_cell(tmp_path):
+    out = tmp_path / "shared"
+    cfg = _cfg(out, sequence="arith", train={"max_steps": 1, "batch_size": 2})
+    run_method("vanilla", cfg, out / "vanilla")
+    run_method("memgen", cfg, out / "memgen")
+    fresh = tmp_path / "fresh"
+    run_method("memgen", _cfg(fresh, sequence="arith", eval={"cache": False}), fresh / "memgen")
+    m = json.loads((out / "memgen" / "cells" / "r0_arith.json").read_text())
+    assert m["cached"] is True
+    assert (out / "memgen" / "samples" / "r0_arith.jsonl").read_bytes() == \
+        (fresh / "memgen" / "samples" / "r0_arith.jsonl").read_bytes() == \
+        (out / "vanilla" / "samples" / "r0_arith.jsonl").read_bytes()
+    assert _cell(out / "memgen", "r0_arith") == _cell(fresh / "memgen", "r0_arith")
+    assert "cached" not in json.loads((out / "memgen" / "cells" / "r1_arith.json").read_text())  # latents
+
+
 def test_key_misses_on_prompt_version_model_or_budget():
     base = dict(ident="base", model="m", dtype="fp32", template_sha="t", task="arith", version="2",
                 prompts=["a", "b"], max_new_tokens=8, stop_ids=[2, 1], batch_size=2, backend="hf", seed=0)
@@ -73,4 +90,9 @@ def test_identity_is_base_only_for_a_no_op_adapter(tiny):
         next(p for n, p in sft.model.named_parameters() if "lora_B" in n).add_(1e-3)
     assert eval_cache.identity(sft) is None  # a trained adapter misses the cache
     memgen = build_method("memgen", tiny(0), cfg)
+    assert eval_cache.identity(memgen) == "base"  # row 0 without latents: the frozen reasoner's greedy decoding
+    memgen.trained = True
     assert eval_cache.identity(memgen) is None  # latents: never the frozen model's plain decoding
+    eager = build_method("memgen", tiny(0), RunConfig(model="tiny-random", method_options={
+        "memgen": {"insert_before_training": True}}))
+    assert eval_cache.identity(eager) is None

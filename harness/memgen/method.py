@@ -129,6 +129,11 @@ class MemGen:
     def inserting(self) -> bool:
         return self.trained or self.opts.insert_before_training
 
+    def plain_decoding(self) -> bool:
+        """True while ``generate`` is the frozen reasoner's greedy decoding of the task prompts (no latents, no
+        sampling): row 0 then shares the frozen model's cached cell (``harness/eval_cache.py``)."""
+        return not self.inserting and self.opts.temperature == 0
+
     def weaver_context(self, task: Task, examples: Sequence[Example], train: bool = False
                        ) -> tuple[list[list[int]] | None, list[list[int]] | None]:
         """What the weaver sees besides the reasoner's prompt, per example: the prompt token offsets of earlier
@@ -241,9 +246,9 @@ class MemGen:
                 self.last_insertions[i] = res.insertions[row]
                 self.last_turn_points[i] = res.turn_points[row]
             asked, inserted = rec.counts(len(idx))
-            for row, i in enumerate(idx):
+            for row, i in enumerate(idx):  # no latents: no MemGen fields, so the samples equal the frozen model's
                 self.last_records[i] = {"insertions": res.insertions[row], "trigger_queried": asked[row],
-                                        "trigger_inserted": inserted[row]}
+                                        "trigger_inserted": inserted[row]} if self.inserting else {}
             cell_advance(len(idx), sum(completion_length(res.sequences[row].tolist(), self.mm.stop_ids())
                                        for row in range(len(idx))))  # the cell's progress (harness/progress.py)
         return out
