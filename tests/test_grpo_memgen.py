@@ -95,3 +95,38 @@ def test_rewoven_context_reproduces_the_rollout(tiny):
         h, y = woven_forward(mm, batch)
         logp = torch.log_softmax(mm.lm_head(h).float(), -1)  # (N, V)
     torch.testing.assert_close(logp.gather(1, y[:, None]).squeeze(1), logp.max(-1).values, atol=1e-4, rtol=0)
+
+
+def test_a_groups_shared_prompt_is_computed_once_with_the_same_result(tiny, monkeypatch):
+    """Rows with the same prompt share its prefill and prompt latents (``WovenState.feed_prompt``): the rollout, the
+    recomputed log-probs and the weaver's gradients equal those of feeding every row on its own."""
+    import harness.memgen.weaver as weaver
+
+    mm = _mm(tiny)
+    tok = mm.tokenizer
+    prompts = [tok(render_prompt(q, tok), add_special_tokens=False).input_ids for q in ("Hi", "A longer question?")]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25, -0.25])
+
+    def run():
+        ro = sample_rollouts(mm, prompts, 3, 6, _delims(mm), generator=torch.Generator().manual_seed(3),
+                             keep_logprobs=True)
+        mm.zero_grad(set_to_none=True)
+        loss, _ = weaver_policy_loss(mm, ro, adv)
+        loss.backward()
+        return ro, loss.detach(), {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = weaver._distinct_rows
+    monkeypatch.setattr(weaver, "_distinct_rows", lambda rows: calls.append(len(rows)) or real(rows))
+    shared, loss_s, grads_s = run()
+    assert calls and all(n == 6 for n in calls)  # rollout and recompute both found the 2 distinct prompts
+    monkeypatch.setattr(weaver, "_distinct_rows", lambda rows: (None, torch.arange(len(rows))))  # every row fed
+    alone, loss_a, grads_a = run()
+    assert shared.completions == alone.completions and shared.points == alone.points
+    assert any(len(p) > 1 for p in shared.points), "no inference insertion happened"
+    for a, b in zip(shared.logprobs, alone.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_s, loss_a, atol=1e-6, rtol=1e-5)
+    assert grads_s.keys() == grads_a.keys() and any("lora" in n for n in grads_s)
+    for n in grads_s:
+        torch.testing.assert_close(grads_s[n], grads_a[n], atol=1e-6, rtol=1e-4, msg=n)

@@ -152,8 +152,10 @@ def memgen_generate(
         if turns:
             rows = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(B)]
             last = prefill(state, turn_chunks(rows, turn_points, pad, device))[:, -1]  # (B, d_r)
-        else:
-            last = state.feed(mm.embed(input_ids), attention_mask)[:, -1]  # (B, d_r)
+            lat = None
+        else:  # rows with the same prompt (a GRPO group's rollouts) share its prefill and prompt latents
+            hidden, lat = state.feed_prompt(input_ids, attention_mask, weave=insert and not trigger_prompt)
+            last = hidden[:, -1]  # (B, d_r)
         if insert:
             do = attention_mask.new_ones(B, dtype=torch.bool)
             if trigger_prompt:
@@ -161,7 +163,7 @@ def memgen_generate(
                                      insertions=n_ins.clone())
                 do = trigger(ctx).to(device=device, dtype=torch.bool)  # (B,)
             if bool(do.any()):
-                lat = state.weave("prompt")  # (B, K_p, d_r)
+                lat = state.weave("prompt") if lat is None else lat  # (B, K_p, d_r)
                 h = state.feed(lat, do[:, None].expand(B, lat.shape[1]))  # (B, K_p, d_r)
                 last = torch.where(do[:, None], h[:, -1], last)
                 for b in do.nonzero().flatten().tolist():

@@ -132,9 +132,9 @@ def woven_forward(mm: MemGenModel, batch: WovenBatch) -> tuple[torch.Tensor, tor
     with mm.reasoner_mode():
         if batch.turns is not None:
             prefill(state, batch.turns)
-        else:
-            state.feed(mm.embed(batch.prompt_ids), batch.prompt_mask)
-        lat = state.weave("prompt")  # (B, K_p, d_r)
+            lat = state.weave("prompt")  # (B, K_p, d_r)
+        else:  # rows with the same prompt (a GRPO group) share its prefill and prompt latents
+            _, lat = state.feed_prompt(batch.prompt_ids, batch.prompt_mask, weave=True)  # lat: (B, K_p, d_r)
         for r, rnd in enumerate(batch.rounds):
             K = lat.shape[1]
             h = state.feed(torch.cat([lat, mm.embed(rnd.ids)], dim=1), torch.cat([rnd.slot_mask, rnd.mask], dim=1))

@@ -210,6 +210,17 @@ def positions(start: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return start[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
 
 
+def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """For a (B, T) tensor: the index of the first copy of each distinct row (U,) and each row's copy (B,) in
+    it; (None, arange) when every row differs."""
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(uniq) == len(rows):
+        return None, torch.arange(len(rows), device=rows.device)
+    first = torch.full((len(uniq),), len(rows), device=rows.device).scatter_reduce(
+        0, inverse, torch.arange(len(rows), device=rows.device), "amin")  # (U,) in sorted-row order
+    return first, inverse
+
+
 @dataclass
 class WovenState:
     """A batch of reasoner sequences with latents, their KV caches and the states the weaver has not read yet."""
@@ -279,6 +290,36 @@ class WovenState:
         self.w_mask = torch.cat([self.w_mask, mask], dim=1)
         self.w_next_pos = self.w_next_pos + mask.sum(1)
         return mm.heads.proj_out(out[:, -K:].float()).to(mm.embed.weight.dtype)  # (B, K, d_r)
+
+    def feed_prompt(self, ids: torch.Tensor, mask: torch.Tensor, weave: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill left-padded prompts ``ids``/``mask`` (B, P) into an empty state (inside ``mm.reasoner_mode()``)
+        and, with ``weave``, weave the prompt latents. Returns the states (B, P, d_r) and the latents (B, K_p, d_r)
+        or None.
+
+        Identical rows (a GRPO group: one prompt, ``group`` rollouts) are computed once and then copied, in the
+        reasoner's and the weaver's caches alike, so the prompt's share of a rollout and of its log-prob recompute is
+        paid once per prompt; gradients reach the weaver through the copies (summed). The result is the one of
+        feeding every row (``tests/test_grpo_memgen.py``). Not with an observer (it must see every row), a
+        retrieved-text prefix or caches the row operations do not support: then every row is fed."""
+        first = None
+        if self.observer is None and self.w_prefix is None and self.mask is None:
+            first, inverse = _distinct_rows(torch.cat([ids, mask.to(ids.dtype)], dim=1))
+        if first is None or not (kv.supports(self.cache) and kv.supports(self.w_cache)):
+            hidden = self.feed(self.mm.embed(ids), mask)
+            return hidden, self.weave("prompt") if weave else None
+        hidden = self.feed(self.mm.embed(ids[first]), mask[first])  # (U, P, d_r)
+        lat = self.weave("prompt") if weave else None  # (U, K_p, d_r)
+        self.repeat_rows(inverse)
+        return hidden[inverse], None if lat is None else lat[inverse]
+
+    def repeat_rows(self, index: torch.Tensor) -> None:
+        """Make row b a copy of row ``index[b]`` (B_new,) of the present batch: both caches, masks, positions and
+        unread states (autograd follows the copies)."""
+        self.cache = kv.select_rows(self.cache, index)
+        self.w_cache = kv.select_rows(self.w_cache, index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.w_mask, self.w_next_pos = self.w_mask[index], self.w_next_pos[index]
+        self.pending = [(x[index], m[index]) for x, m in self.pending]
 
     # -- rows that insert alone (decoding) ------------------------------------------------------------------------
     def _unread(self) -> tuple[torch.Tensor, torch.Tensor]:
