@@ -51,6 +51,10 @@ def test_run_eval_report(tmp_path):
             "--limit", "4", "--set", "train.max_steps=2", "--set", "eval.max_new_tokens=8", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| method" in r.stdout
+    budget = r.stdout.split("budget used")[1]  # the budget each method used, after the metrics table
+    header = [c.strip() for c in next(line for line in budget.splitlines() if "| method" in line).split("|")]
+    sft_row = [c.strip() for c in next(line for line in budget.splitlines() if line.startswith("| sft")).split("|")]
+    assert sft_row[header.index("steps")] == "4"  # 2 optimizer steps x 2 tasks
     # not a terminal: training progress comes as lines (a log file gets no live bar)
     assert "sft train arith step 1/2 loss" in r.stderr and "sft train choice step 2/2 loss" in r.stderr
     for fmt, marker in (("csv", "method,model"), ("latex", "\\begin{tabular}"), ("md", "| method")):

@@ -57,6 +57,7 @@ def run(
 ) -> None:
     """Run a task sequence for each method; fill and export the accuracy matrix (resumes a killed run)."""
     from harness.distributed import is_main, launched, single_process_cpu_launch
+    from harness.analysis.budget import budget_table, render_budget
     from harness.report import render, summary_table
     from harness.runner import run_method
     from tasks.registry import resolve_sequence
@@ -114,6 +115,8 @@ def run(
     console.print(f"finished in {time.perf_counter() - started:.0f}s")
     table = summary_table(dirs)
     print(render(table, "md"))
+    print("\nbudget used (harness/budget.py; train s = training wall time):")
+    print(render_budget(budget_table(dirs), "md"))
     for d in dirs:
         print(f"\n{d}/matrix.csv")
         print((d / "matrix.csv").read_text())
