@@ -56,8 +56,8 @@ def run(
                                            "this accelerate config (configs/accelerate/: fsdp, zero2, zero3, ...)."),
 ) -> None:
     """Run a task sequence for each method; fill and export the accuracy matrix (resumes a killed run)."""
-    from harness.distributed import is_main, launched, single_process_cpu_launch
     from harness.analysis.budget import budget_table, render_budget
+    from harness.distributed import is_main, launched, single_process_cpu_launch
     from harness.report import render, summary_table
     from harness.runner import run_method
     from tasks.registry import resolve_sequence
