@@ -93,8 +93,8 @@ class EvalConfig:
     """Test examples per task (seeded subsample); None = the whole test split. 32 keeps the default run short (a
     cell's 95% CI is then about +-17 points); sweeps that compare methods use 128 or more."""
     batch_size: int = 32
-    """Prompts per generation batch. 32 (a default cell in one batch) decodes a ``quick`` matrix row 1.2x faster
-    than 16 on 2 CPU cores without latents and 1.1x with them (``benchmarks/bench_eval_batch.py``)."""
+    """Prompts per generation batch. 32 (a default cell in one batch) decodes a ``quick`` matrix row 1.33x faster
+    than 16 on 2 CPU cores without latents and 1.14x with them (``benchmarks/bench_eval_batch.py``)."""
     max_new_tokens: int | None = None
     """Override of each task's own generation budget."""
     backend: str = "hf"
