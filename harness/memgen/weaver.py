@@ -304,13 +304,18 @@ class WovenState:
         first = None
         if self.observer is None and self.w_prefix is None and self.mask is None:
             first, inverse = _distinct_rows(torch.cat([ids, mask.to(ids.dtype)], dim=1))
-        if first is None or not (kv.supports(self.cache) and kv.supports(self.w_cache)):
-            hidden = self.feed(self.mm.embed(ids), mask)
-            return hidden, self.weave("prompt") if weave else None
-        hidden = self.feed(self.mm.embed(ids[first]), mask[first])  # (U, P, d_r)
-        lat = self.weave("prompt") if weave else None  # (U, K_p, d_r)
-        self.repeat_rows(inverse)
-        return hidden[inverse], None if lat is None else lat[inverse]
+        if first is not None:
+            hidden = self.feed(self.mm.embed(ids[first]), mask[first])  # (U, P, d_r)
+            lat = self.weave("prompt") if weave else None  # (U, K_p, d_r)
+            # The caches' layer types are known only once filled (e.g. sliding-window layers): if the row
+            # operations cannot copy them, start again and feed every row.
+            if kv.supports(self.cache) and kv.supports(self.w_cache):
+                self.repeat_rows(inverse)
+                return hidden[inverse], None if lat is None else lat[inverse]
+            self.cache, self.w_cache, self.pending = DynamicCache(), DynamicCache(), []
+            self.mask = self.next_pos = self.w_mask = self.w_next_pos = None
+        hidden = self.feed(self.mm.embed(ids), mask)
+        return hidden, self.weave("prompt") if weave else None
 
     def repeat_rows(self, index: torch.Tensor) -> None:
         """Make row b a copy of row ``index[b]`` (B_new,) of the present batch: both caches, masks, positions and
