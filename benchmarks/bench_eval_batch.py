@@ -34,6 +34,16 @@ from tasks.registry import get_task  # noqa: E402
 TASKS = ("arith", "reverse", "choice", "first_letter")
 
 
+def matrix_row_cells(tok, n: int) -> list[tuple[list[list[int]], int]]:
+    """The prompts' ids and the token budget of each cell of a ``quick`` matrix row, ``n`` test examples each."""
+    cells = []
+    for name in TASKS:
+        task = get_task(name)
+        ids = [tok(task.prompt(e, tok), add_special_tokens=False).input_ids for e in task.load("test", limit=n)]
+        cells.append((ids, task.max_new_tokens))
+    return cells
+
+
 def row_seconds(mm: MemGenModel, cells, batch: int, insert: bool) -> tuple[float, int]:
     """Seconds to decode one matrix row, and the latent blocks inserted."""
     tok, isd = mm.tokenizer, delimiter_mask(mm.tokenizer, mm.opts.delimiters, mm.lm_head.weight.shape[0])
@@ -55,12 +65,7 @@ def main() -> None:
     ap.add_argument("--ks", default="8", help="latents per block (k_prompt = k_infer)")
     args = ap.parse_args()
     lm = load_model(args.model, args.dtype)
-    cells = []
-    for name in TASKS:
-        task = get_task(name)
-        ids = [lm.tokenizer(task.prompt(e, lm.tokenizer), add_special_tokens=False).input_ids
-               for e in task.load("test", limit=args.n)]
-        cells.append((ids, task.max_new_tokens))
+    cells = matrix_row_cells(lm.tokenizer, args.n)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"model={args.model} dtype={args.dtype} n={args.n} per cell, threads={torch.get_num_threads()}")
     for k in (int(x) for x in args.ks.split(",")):

@@ -98,8 +98,9 @@ def test_rewoven_context_reproduces_the_rollout(tiny):
 
 
 def test_a_groups_shared_prompt_is_computed_once_with_the_same_result(tiny, monkeypatch):
-    """Rows with the same prompt share its prefill and prompt latents (``WovenState.feed_prompt``): the rollout, the
-    recomputed log-probs and the weaver's gradients equal those of feeding every row on its own."""
+    """Rows with the same prompt share its prefill and prompt latents, and distinct prompts their common head
+    (``WovenState.feed_prompt``): the rollout, the recomputed log-probs and the weaver's gradients equal those of
+    feeding every row on its own."""
     import harness.memgen.weaver as weaver
 
     mm = _mm(tiny)
@@ -115,12 +116,15 @@ def test_a_groups_shared_prompt_is_computed_once_with_the_same_result(tiny, monk
         loss.backward()
         return ro, loss.detach(), {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
 
-    calls = []
-    real = weaver._distinct_rows
+    calls, heads = [], []
+    real, real_prefix = weaver._distinct_rows, weaver._common_prefix
     monkeypatch.setattr(weaver, "_distinct_rows", lambda rows: calls.append(len(rows)) or real(rows))
+    monkeypatch.setattr(weaver, "_common_prefix", lambda ids, mask: heads.append(real_prefix(ids, mask)) or heads[-1])
     shared, loss_s, grads_s = run()
     assert calls and all(n == 6 for n in calls)  # rollout and recompute both found the 2 distinct prompts
+    assert heads and all(n >= weaver.MIN_SHARED_PREFIX for n in heads)  # and fed the system turn once
     monkeypatch.setattr(weaver, "_distinct_rows", lambda rows: (None, torch.arange(len(rows))))  # every row fed
+    monkeypatch.setattr(weaver, "_common_prefix", lambda ids, mask: 0)
     alone, loss_a, grads_a = run()
     assert shared.completions == alone.completions and shared.points == alone.points
     assert any(len(p) > 1 for p in shared.points), "no inference insertion happened"

@@ -35,6 +35,16 @@ def test_insertion_off_equals_model_generate(name, tiny, smollm2):
     assert out.insertions == [[], [], []]
 
 
+PERIOD = [3, 4, 5]  # row b inserts at steps divisible by PERIOD[b]: different rows at different steps
+
+
+def _every_kth_step(period: list[int]):
+    def trigger(ctx: TriggerContext) -> torch.Tensor:
+        return torch.tensor([ctx.step % period[b] == 0 for b in range(len(period))])
+
+    return trigger
+
+
 def _every_token(mm):
     return torch.ones(mm.lm_head.weight.shape[0], dtype=torch.bool)
 
@@ -48,10 +58,7 @@ def test_cached_equals_naive_batched_rows_insert_at_different_steps(tiny, smollm
     randomise_lora(mm)
     enc = _prompts(lm.tokenizer)
     is_delim = _every_token(mm)
-    period = [3, 4, 5]  # row b inserts at steps divisible by period[b]: different rows at different steps
-
-    def trigger(ctx: TriggerContext) -> torch.Tensor:
-        return torch.tensor([ctx.step % period[b] == 0 for b in range(len(period))])
+    trigger, period = _every_kth_step(PERIOD), PERIOD
 
     out = memgen_generate(mm, enc.input_ids, enc.attention_mask, 20, trigger=trigger, delimiters=is_delim)
     eos = stop_token_ids(lm.tokenizer)
@@ -136,10 +143,7 @@ def test_subset_insertion_with_compaction_equals_naive(tiny, weaver_input):
     randomise_lora(mm)
     enc = _prompts(lm.tokenizer)
     is_delim = _every_token(mm)
-    period = [3, 4, 5]
-
-    def trigger(ctx: TriggerContext) -> torch.Tensor:
-        return torch.tensor([ctx.step % period[b] == 0 for b in range(len(period))])
+    trigger, period = _every_kth_step(PERIOD), PERIOD
 
     eos = stop_token_ids(lm.tokenizer)
     outs = [memgen_generate(mm, enc.input_ids, enc.attention_mask, 20, trigger=trigger, delimiters=is_delim,
@@ -179,3 +183,44 @@ def test_kv_compact_keeps_outputs_and_drops_dead_slots(tiny):
         got = model(input_ids=nxt, attention_mask=torch.cat([small, torch.ones(2, 1, dtype=small.dtype)], 1),
                     position_ids=npos, cache=cache, use_cache=True).last_hidden_state
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_finished_rows_leave_the_batch_with_the_same_tokens(tiny):
+    """Rows that reach a stop token leave the decoding batch (later forwards run on fewer rows): the tokens and
+    insertion points are those of keeping every row, and of the naive per-row reference."""
+    lm = tiny()
+    torch.manual_seed(0)
+    mm = MemGenModel(lm, MemGenOptions(k_prompt=3, k_infer=2, max_insertions=4))
+    randomise_lora(mm)
+    enc = _prompts(lm.tokenizer)
+    is_delim = _every_token(mm)
+    trigger, period = _every_kth_step(PERIOD), PERIOD
+
+    never = [mm.lm_head.weight.shape[0] - 1]  # a stop id to find each row's free-running tokens first
+    free = memgen_generate(mm, enc.input_ids, enc.attention_mask, 20, trigger=trigger, delimiters=is_delim,
+                           eos_token_ids=never).sequences
+    assert not torch.isin(free, torch.tensor(never)).any()
+    # Stop on a token row 0 emits early that some other row emits late or never: rows then finish apart.
+    first = [{t: i for i, t in reversed(list(enumerate(r)))} for r in free.tolist()]
+    eos = next([t] for t, i in first[0].items() if i < 8 and any(f.get(t, 99) > i + 4 for f in first[1:]))
+    outs = {False: memgen_generate(mm, enc.input_ids, enc.attention_mask, 20, trigger=trigger, delimiters=is_delim,
+                                   eos_token_ids=eos, drop_finished=False)}
+    sizes: list[int] = []  # the batch of every reasoner forward of the run that drops rows
+    hook = mm.reasoner.register_forward_hook(lambda mod, args, kw, out: sizes.append(kw["inputs_embeds"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        outs[True] = memgen_generate(mm, enc.input_ids, enc.attention_mask, 20, trigger=trigger,
+                                     delimiters=is_delim, eos_token_ids=eos)
+    finally:
+        hook.remove()
+    assert max(sizes) == 3 and sizes[-1] < 3  # finished rows left the batch
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    assert outs[True].insertions == outs[False].insertions
+    assert outs[True].delimiters == outs[False].delimiters
+    lengths = [len(strip_at_eos(r, eos)) for r in outs[True].sequences]
+    assert len(set(lengths)) > 1  # the rows really finished at different steps
+    for b in range(3):
+        prompt = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
+        tokens, points = naive_generate(mm, prompt, 20, lambda s, b=b: s % period[b] == 0, is_delim, 4, eos=eos)
+        assert strip_at_eos(outs[True].sequences[b], eos) == tokens, f"row {b}"
+        assert outs[True].insertions[b] == points

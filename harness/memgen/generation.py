@@ -5,6 +5,9 @@ says yes, the weaver turns the states added since its last call into K latents, 
 K slots is fed: the inserting rows get their latents, the other rows get masked slots that neither shift their
 positions nor enter their attention, so their output is what it would have been. Logits are computed for the
 last position only (no full-vocabulary logits thrown away). Rows stop at EOS; the loop stops when all have.
+With insertion, finished rows leave the batch once a quarter of it has finished (evaluation batches are
+length-sorted by prompt, not by answer, so most rows would otherwise ride along to the longest one), and the
+prompts' common head (the chat template's system turn) is prefilled once (``WovenState.feed_prompt``).
 
 When only some rows insert (the usual case: each row meets its own delimiters), the weaver runs on those rows alone
 and only they get a reasoner forward over the K latent slots (``WovenState.weave_rows`` / ``feed_rows``); the other
@@ -25,6 +28,7 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from harness.memgen import kv
 from harness.memgen.turns import prefill, turn_chunks
 from harness.memgen.weaver import MemGenModel, WovenState
 
@@ -121,6 +125,7 @@ def memgen_generate(
     trigger_prompt: bool = False,
     output_logprobs: bool = False,
     compact_min_dead: int = 32,
+    drop_finished: bool = True,
 ) -> MemGenOutput:
     """Generate for a left-padded batch ``input_ids``/``attention_mask`` (B, T) with latents woven in.
 
@@ -129,6 +134,9 @@ def memgen_generate(
     ``turn_points[b]``: offsets in row b's unpadded prompt where earlier assistant turns start; a prompt-latent
     block is woven in at each during prefill (``harness/memgen/turns.py``). ``weaver_prefix``: (B, R) weaver-token
     ids and mask (retrieved text) the weaver reads before the reasoner's states. Both only act when inserting.
+    ``drop_finished``: with insertion, rows that reached EOS leave the batch (same tokens; only the float summation
+    order of the remaining rows' forwards may change, as with any batch size). A trigger whose ``wants_states`` is
+    False is not handed the reasoner's states (``observe``).
     """
     tok = mm.tokenizer
     B = input_ids.shape[0]
@@ -142,7 +150,8 @@ def memgen_generate(
 
     # A trigger with an ``observe`` method (the LoRA trigger) reads every reasoner state fed, latents included.
     state = WovenState(mm, w_prefix=weaver_prefix if insert else None,
-                       observer=getattr(trigger, "observe", None) if insert else None)
+                       observer=getattr(trigger, "observe", None)
+                       if insert and getattr(trigger, "wants_states", True) else None)
     turns = insert and turn_points is not None and any(turn_points)
     points: list[list[int]] = [[] for _ in range(B)]
     n_ins = torch.zeros(B, dtype=torch.long, device=device)
@@ -153,8 +162,11 @@ def memgen_generate(
             rows = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(B)]
             last = prefill(state, turn_chunks(rows, turn_points, pad, device))[:, -1]  # (B, d_r)
             lat = None
-        else:  # rows with the same prompt (a GRPO group's rollouts) share its prefill and prompt latents
-            hidden, lat = state.feed_prompt(input_ids, attention_mask, weave=insert and not trigger_prompt)
+        else:  # rows with the same prompt (a GRPO group's rollouts) share its prefill and prompt latents,
+            # and every prompt's common head (the system turn) is fed once; not without insertion, which stays
+            # token for token ``model.generate``
+            hidden, lat = state.feed_prompt(input_ids, attention_mask, weave=insert and not trigger_prompt,
+                                            share_prefix=insert)
             last = hidden[:, -1]  # (B, d_r)
         if insert:
             do = attention_mask.new_ones(B, dtype=torch.bool)
@@ -170,47 +182,64 @@ def memgen_generate(
                     points[b].append(0)
         n_delim = torch.zeros(B, dtype=torch.long, device=device)
         logps: list[torch.Tensor] = []
+        # Finished rows leave the batch (``live``: the rows the state still holds) once enough have finished, so
+        # later steps and insertions cost only the rows still decoding. Not with an observer (it holds state per
+        # row) or caches the row surgery does not handle; never without insertion (then the loop stays token for
+        # token ``model.generate``, which keeps finished rows).
+        can_drop = insert and drop_finished and state.observer is None and kv.supports(state.cache) \
+            and kv.supports(state.w_cache)
+        live = torch.arange(B, device=device)  # (n,) original row of each state row
         for step in range(max_new_tokens):
-            logits = mm.lm_head(last).float()  # (B, V)
+            logits = mm.lm_head(last).float()  # (n, V)
             if step < min_new_tokens:
                 logits[:, eos] = float("-inf")
             if temperature > 0:
                 logits = logits / temperature
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)  # (B,)
+                pick = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)  # (n,)
             else:
-                nxt = logits.argmax(-1)  # (B,)
+                pick = logits.argmax(-1)  # (n,)
+            nxt = torch.full((B,), pad, dtype=pick.dtype, device=device).index_copy(0, live, pick)  # (B,)
             if output_logprobs:
-                lp = torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1)  # (B,)
+                lp = torch.log_softmax(logits, dim=-1).gather(1, pick[:, None]).squeeze(1)  # (n,)
+                lp = torch.zeros(B, dtype=lp.dtype, device=device).index_copy(0, live, lp)  # (B,)
                 logps.append(torch.where(finished, torch.zeros_like(lp), lp))
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
             finished = finished | torch.isin(nxt, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            # Finished rows keep feeding padding with mask 1, exactly as ``model.generate`` does.
-            last = state.feed(mm.embed(nxt[:, None]), attention_mask.new_ones((B, 1)))[:, -1]
+            done = finished[live]  # (n,)
+            if can_drop and int(done.sum()) * 4 >= len(live):  # a quarter: copies of the caches stay rare
+                keep = (~done).nonzero().flatten()  # (n',)
+                state.repeat_rows(keep)
+                live, last = live[keep], last[keep]
+            # Finished rows still in the batch keep feeding padding with mask 1, exactly as ``model.generate`` does.
+            n = len(live)
+            last = state.feed(mm.embed(nxt[live][:, None]), attention_mask.new_ones((n, 1)))[:, -1]  # (n, d_r)
             n_delim = n_delim + (is_delim[nxt] & ~finished).long()  # every point the trigger could be asked at
             if not insert or cap <= 0:
                 continue
             cand = is_delim[nxt] & ~finished & (n_ins < cap)  # (B,)
             if not bool(cand.any()):
                 continue
-            ctx = TriggerContext(step=step + 1, tokens=torch.stack(tokens, 1), candidates=cand, hidden=last,
+            hid = last if n == B else last.new_zeros((B, last.shape[1])).index_copy(0, live, last)  # (B, d_r)
+            ctx = TriggerContext(step=step + 1, tokens=torch.stack(tokens, 1), candidates=cand, hidden=hid,
                                  insertions=n_ins.clone())
             do = trigger(ctx).to(device=device, dtype=torch.bool) & cand  # (B,)
             if not bool(do.any()):
                 continue
-            rows = do.nonzero().flatten()  # (n,)
-            if len(rows) == B:
-                lat = state.weave("infer")  # (B, K_i, d_r)
-                last = state.feed(lat, do[:, None].expand(B, k_infer))[:, -1]  # (B, d_r)
+            do_live = do[live]  # (n,)
+            rows = do_live.nonzero().flatten()  # (m,) state rows that insert
+            if len(rows) == n:
+                lat = state.weave("infer")  # (n, K_i, d_r)
+                last = state.feed(lat, do_live[:, None].expand(n, k_infer))[:, -1]  # (n, d_r)
             else:  # only the inserting rows get weaver work and reasoner slots (the others: masked, no compute)
-                lat = state.weave_rows("infer", rows)  # (n, K_i, d_r)
+                lat = state.weave_rows("infer", rows)  # (m, K_i, d_r)
                 last = last.index_copy(0, rows, state.feed_rows(lat, rows)[:, -1])
             n_ins = n_ins + do.long()
-            for b in rows.tolist():
+            for b in do.nonzero().flatten().tolist():
                 points[b].append(step + 1)
-            state.drop_pending(finished | (n_ins >= cap))  # rows that cannot insert again
+            state.drop_pending((finished | (n_ins >= cap))[live])  # rows that cannot insert again
             state.compact(compact_min_dead)
     seqs = torch.stack(tokens, 1) if tokens else input_ids.new_zeros((B, 0))  # (B, T_new)
     done_turns = [list(p) for p in turn_points] if turns else [[] for _ in range(B)]

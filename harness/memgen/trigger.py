@@ -141,6 +141,12 @@ class TriggerRecorder:
     def _lora(self) -> bool:
         return isinstance(self.head, TriggerLM) and self.policy != "always"
 
+    @property
+    def wants_states(self) -> bool:
+        """Only the LoRA trigger reads the reasoner's states; for the others decoding skips ``observe`` (and may
+        then share a group's prompt and drop finished rows)."""
+        return self._lora
+
     def observe(self, states: torch.Tensor, mask: torch.Tensor) -> None:
         """Called by ``WovenState.feed`` with every chunk (B, T, d_r) / (B, T) the reasoner is fed."""
         if not self._lora:

@@ -12,6 +12,7 @@ chunk fed to it may mask some rows out entirely (attention mask 0, position ids 
 the rows that insert receive latents while the others are left exactly as they were. The weaver keeps its own KV
 cache aligned slot for slot with the reasoner's: at an insertion it reads only the states added since the last
 insertion plus the K queries, and the query positions are cropped from its cache afterwards.
+Prefill computes once what rows share (``feed_prompt``): identical prompts, and the head all prompts start with.
 With retrieval (``w_prefix``), the weaver's sequence starts with the token embeddings of the retrieved text
 (read by its first call, before the reasoner's states); the reasoner never sees it.
 """
@@ -210,6 +211,37 @@ def positions(start: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return start[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
 
 
+MIN_SHARED_PREFIX = 8
+"""Shortest common prompt prefix ``WovenState.feed_prompt`` feeds once (below it the extra forward costs more)."""
+
+
+def _common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Tokens every left-padded row of ``ids``/``mask`` (B, P) starts with, at most the shortest row's length - 1
+    (every row keeps a last token of its own)."""
+    lengths = mask.sum(1)  # (B,)
+    shortest = int(lengths.min())
+    if shortest < 2:
+        return 0
+    width = ids.shape[1]
+    starts = width - lengths  # (B,) first real slot (left padding)
+    cols = starts[:, None] + torch.arange(shortest - 1, device=ids.device)[None, :]  # (B, shortest - 1)
+    heads = ids.gather(1, cols)  # (B, shortest - 1): each row's first tokens
+    same = (heads == heads[:1]).all(0)  # (shortest - 1,)
+    return int(same.long().cumprod(0).sum())
+
+
+def _drop_prefix(ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left-padded rows (B, P) without their first ``n`` real tokens: (B, P') ids and mask, P' = the longest
+    rest (the freed slots become left padding)."""
+    lengths = mask.sum(1) - n  # (B,)
+    width = int(lengths.max())
+    mask = mask.clone()
+    starts = mask.shape[1] - mask.sum(1)  # (B,)
+    cols = starts[:, None] + torch.arange(n, device=ids.device)[None, :]  # (B, n) the prefix's slots
+    mask.scatter_(1, cols, 0)
+    return ids[:, -width:], mask[:, -width:]
+
+
 def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """For a (B, T) tensor: the index of the first copy of each distinct row (U,) and each row's copy (B,) in
     it; (None, arange) when every row differs."""
@@ -291,31 +323,66 @@ class WovenState:
         self.w_next_pos = self.w_next_pos + mask.sum(1)
         return mm.heads.proj_out(out[:, -K:].float()).to(mm.embed.weight.dtype)  # (B, K, d_r)
 
-    def feed_prompt(self, ids: torch.Tensor, mask: torch.Tensor, weave: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def feed_prompt(self, ids: torch.Tensor, mask: torch.Tensor, weave: bool,
+                    share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefill left-padded prompts ``ids``/``mask`` (B, P) into an empty state (inside ``mm.reasoner_mode()``)
-        and, with ``weave``, weave the prompt latents. Returns the states (B, P, d_r) and the latents (B, K_p, d_r)
-        or None.
+        and, with ``weave``, weave the prompt latents. Returns the states of the prompts' last slots (B, T, d_r),
+        T <= P (``[:, -1]`` is each row's last prompt state), and the latents (B, K_p, d_r) or None.
 
-        Identical rows (a GRPO group: one prompt, ``group`` rollouts) are computed once and then copied, in the
-        reasoner's and the weaver's caches alike, so the prompt's share of a rollout and of its log-prob recompute is
-        paid once per prompt; gradients reach the weaver through the copies (summed). The result is the one of
-        feeding every row (``tests/test_grpo_memgen.py``). Not with an observer (it must see every row), a
-        retrieved-text prefix or caches the row operations do not support: then every row is fed."""
-        first = None
-        if self.observer is None and self.w_prefix is None and self.mask is None:
-            first, inverse = _distinct_rows(torch.cat([ids, mask.to(ids.dtype)], dim=1))
-        if first is not None:
-            hidden = self.feed(self.mm.embed(ids[first]), mask[first])  # (U, P, d_r)
-            lat = self.weave("prompt") if weave else None  # (U, K_p, d_r)
-            # The caches' layer types are known only once filled (e.g. sliding-window layers): if the row
-            # operations cannot copy them, start again and feed every row.
+        Two kinds of repeated work are done once (gradients reach the weaver through the copies, summed):
+        - identical rows (a GRPO group: one prompt, ``group`` rollouts) are computed once and copied;
+        - with ``share_prefix``, the tokens every distinct prompt starts with (the chat template's system turn and
+          a task's fixed instruction: about half of a ``quick`` prompt) are fed once, as a batch of one, to the
+          reasoner and read once by the weaver; each row's cache then holds [shared prefix | padding | its rest].
+        Keys sit elsewhere in the cache but carry their own positions, so the result is the one of feeding every
+        row up to float summation order (``tests/test_grpo_memgen.py``, ``tests/test_memgen_generation.py``). Not
+        with an observer (it must see every row), a retrieved-text prefix or caches the row operations do not
+        support: then every row is fed."""
+        if self.observer is not None or self.w_prefix is not None or self.mask is not None:
+            hidden = self.feed(self.mm.embed(ids), mask)
+            return hidden, self.weave("prompt") if weave else None
+        first, inverse = _distinct_rows(torch.cat([ids, mask.to(ids.dtype)], dim=1))
+        u_ids, u_mask = (ids, mask) if first is None else (ids[first], mask[first])  # (U, P)
+        n = _common_prefix(u_ids, u_mask) if share_prefix and len(u_ids) > 1 else 0
+        if n >= MIN_SHARED_PREFIX:
+            start = int((u_mask[0] == 0).sum())  # row 0's first real slot
+            self.feed(self.mm.embed(u_ids[:1, start:start + n]), u_mask.new_ones((1, n)))
+            self.read_pending()
             if kv.supports(self.cache) and kv.supports(self.w_cache):
-                self.repeat_rows(inverse)
-                return hidden[inverse], None if lat is None else lat[inverse]
-            self.cache, self.w_cache, self.pending = DynamicCache(), DynamicCache(), []
-            self.mask = self.next_pos = self.w_mask = self.w_next_pos = None
+                self.repeat_rows(torch.zeros(len(u_ids), dtype=torch.long, device=ids.device))
+                u_ids, u_mask = _drop_prefix(u_ids, u_mask, n)
+            else:  # layer types are known only once filled (e.g. sliding windows): start again, every row fed
+                self._reset()
+                first, inverse = None, torch.arange(len(ids), device=ids.device)
+                u_ids, u_mask = ids, mask
+        hidden = self.feed(self.mm.embed(u_ids), u_mask)  # (U, T, d_r)
+        lat = self.weave("prompt") if weave else None  # (U, K_p, d_r)
+        if first is None:
+            return hidden, lat
+        if kv.supports(self.cache) and kv.supports(self.w_cache):
+            self.repeat_rows(inverse)
+            return hidden[inverse], None if lat is None else lat[inverse]
+        self._reset()  # the caches' layer types are known only once filled: start again, every row fed
         hidden = self.feed(self.mm.embed(ids), mask)
         return hidden, self.weave("prompt") if weave else None
+
+    def _reset(self) -> None:
+        self.cache, self.w_cache, self.pending = DynamicCache(), DynamicCache(), []
+        self.mask = self.next_pos = self.w_mask = self.w_next_pos = None
+
+    def read_pending(self) -> None:
+        """The weaver reads every pending state now, without queries (what its next ``weave`` would read first)."""
+        mm = self.mm
+        states = torch.cat([s for s, _ in self.pending], dim=1)  # (B, T, d_r)
+        mask = torch.cat([m for _, m in self.pending], dim=1)  # (B, T)
+        self.pending = []
+        states = torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype, device=states.device))
+        x = mm.heads.proj_in(states.float()).to(mm.weaver_embed.weight.dtype)  # (B, T, d_w)
+        with mm.weaver_mode():
+            mm.weaver(inputs_embeds=x, attention_mask=torch.cat([self.w_mask, mask], dim=1),
+                      position_ids=positions(self.w_next_pos, mask), cache=self.w_cache, use_cache=True)
+        self.w_mask = torch.cat([self.w_mask, mask], dim=1)
+        self.w_next_pos = self.w_next_pos + mask.sum(1)
 
     def repeat_rows(self, index: torch.Tensor) -> None:
         """Make row b a copy of row ``index[b]`` (B_new,) of the present batch: both caches, masks, positions and
@@ -325,6 +392,8 @@ class WovenState:
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.w_mask, self.w_next_pos = self.w_mask[index], self.w_next_pos[index]
         self.pending = [(x[index], m[index]) for x, m in self.pending]
+        if self.w_prefix is not None:
+            self.w_prefix = (self.w_prefix[0][index], self.w_prefix[1][index])
 
     # -- rows that insert alone (decoding) ------------------------------------------------------------------------
     def _unread(self) -> tuple[torch.Tensor, torch.Tensor]:
