@@ -224,3 +224,16 @@ def test_finished_rows_leave_the_batch_with_the_same_tokens(tiny):
         tokens, points = naive_generate(mm, prompt, 20, lambda s, b=b: s % period[b] == 0, is_delim, 4, eos=eos)
         assert strip_at_eos(outs[True].sequences[b], eos) == tokens, f"row {b}"
         assert outs[True].insertions[b] == points
+
+
+def test_unread_states_are_packed_to_the_right_in_order():
+    """The weaver gets each row's live unread states only (in order, right-aligned, padding zeroed): hand-computed."""
+    from harness.memgen.weaver import _packed
+
+    states = torch.arange(1.0, 9.0).reshape(2, 4, 1)  # row 0: 1 2 3 4, row 1: 5 6 7 8
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]])  # dead slots (other rows' latents) between live ones
+    got, packed = _packed(states, mask)
+    assert packed.tolist() == [[1, 1], [0, 1]]
+    assert got.squeeze(2).tolist() == [[1.0, 3.0], [0.0, 8.0]]
+    same, m = _packed(states, torch.ones(2, 4, dtype=torch.long))  # nothing dead: untouched
+    assert m.shape == (2, 4) and torch.equal(same, states)

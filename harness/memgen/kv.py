@@ -52,21 +52,29 @@ def dead_slots(mask: torch.Tensor) -> int:
     return int(mask.shape[1] - mask.sum(1).max()) if mask.numel() else 0
 
 
-def compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
-    """Drop dead slots: keep each row's live slots (``mask`` (B, L) == 1) in order, right-aligned; returns the new
-    mask (B, L'), L' = the longest row's live count. ``cache`` is changed in place."""
+def right_aligned(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's live slots (``mask`` (B, L) == 1) go when packed to the right in order: the source slot of
+    every new slot (B, L') and the new mask (B, L'), L' = the longest row's live count (left padding points at
+    slot 0 of its row; it is masked, so which slot it reads does not matter)."""
     live = mask.bool()
     counts = live.sum(1)  # (B,)
-    width = int(counts.max())
+    width = int(counts.max()) if counts.numel() else 0
     B, L = mask.shape
     # Rank of each live slot among its row's live slots, shifted so that the last live slot lands at width - 1.
     rank = live.long().cumsum(1) - 1 + (width - counts)[:, None]  # (B, L)
-    # Left padding points at slot 0 of its row: it is masked, so which slot it reads does not matter.
-    index = torch.zeros((B, width), dtype=torch.long, device=mask.device)  # (B, L') source slot of each new slot
+    index = torch.zeros((B, width), dtype=torch.long, device=mask.device)  # (B, L')
     row_of = torch.arange(B, device=mask.device)[:, None].expand(B, L)
     col_of = torch.arange(L, device=mask.device)[None, :].expand(B, L)
     index[row_of[live], rank[live]] = col_of[live]
     new_mask = (torch.arange(width, device=mask.device)[None, :] >= (width - counts)[:, None]).to(mask.dtype)
+    return index, new_mask
+
+
+def compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop dead slots: keep each row's live slots (``mask`` (B, L) == 1) in order, right-aligned; returns the new
+    mask (B, L'), L' = the longest row's live count. ``cache`` is changed in place."""
+    index, new_mask = right_aligned(mask)  # (B, L'), (B, L')
+    B, width = index.shape
     for layer in _live(cache):
         H, D = layer.keys.shape[1], layer.keys.shape[3]
         gather = index[:, None, :, None].expand(B, H, width, D)

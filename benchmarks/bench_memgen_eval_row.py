@@ -1,16 +1,19 @@
-"""MemGen decoding with finished rows leaving the batch vs kept in it, on a real ``quick`` matrix row.
+"""One ``quick`` evaluation row decoded by MemGen with one of its speed-ups on and off, interleaved in one run.
 
-Evaluation decodes a length-sorted batch until its longest row stops; with latents, rows that already reached EOS
-used to ride along to the end (every later forward and compaction paid for them). ``memgen_generate`` now drops
-them once a quarter of the batch has finished (``drop_finished``). This prints the seconds of one matrix row
-(``bench_eval_batch.matrix_row_cells``: arith, reverse, choice and the first_letter probe, ``--n`` test examples each, each task's token budget, EOS on)
-both ways, interleaved ``--repeats`` times (this machine is noisy: only the ratio means anything), and checks the
-tokens are the same.
+A row is what every method evaluates after a task (``bench_eval_batch.matrix_row_cells``: arith, reverse, choice
+and the first_letter probe, ``--n`` test examples each, each task's token budget, EOS on), at the default
+``eval.batch_size``. ``--ab`` picks what is switched off in the "off" runs (only the ratio means anything on this
+noisy machine; ``--repeats`` alternates which goes first), and the tokens of both are compared:
+- ``drop``: finished rows leave the batch (``memgen_generate(drop_finished=...)``); off, they ride along to the
+  batch's longest row.
+- ``packed``: the weaver reads each row's unread states packed (``weaver._packed``); off, it reads the span from
+  the first unread column as it lies, dead slots (other rows' latent slots) included.
+- ``head``: the prompts' common head is prefilled once (``weaver._common_prefix``); off, every prompt whole.
 
-The weaver matters: an untrained one rambles to the token budget, so few rows finish early; pass a trained
-checkpoint (``--weaver runs/default/memgen/checkpoints/stage2``, what ``memgen-bench run`` saves) for the real case.
+The weaver matters: an untrained one rambles to the token budget; pass a trained checkpoint
+(``--weaver runs/default/memgen/checkpoints/stage1``, what ``memgen-bench run`` saves) for the real case.
 
-    python benchmarks/bench_drop_finished.py --weaver /path/to/memgen/checkpoints/stage2
+    python benchmarks/bench_memgen_eval_row.py --weaver /path/to/memgen/checkpoints/stage1 --ab packed
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_eval_batch import matrix_row_cells  # noqa: E402
 
+import harness.memgen.weaver as weaver  # noqa: E402
 from harness.generation import length_sorted_batches  # noqa: E402
 from harness.memgen.generation import completion_length, delimiter_mask, memgen_generate  # noqa: E402
 from harness.memgen.method import ADAPTER_DIR, HEADS_FILE  # noqa: E402
@@ -53,6 +57,26 @@ def decode_row(mm: MemGenModel, cells, batch: int, drop: bool) -> tuple[float, l
     return time.perf_counter() - t0, seqs, useful, paid
 
 
+def _as_they_lie(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unread span from the first column any row has unread, dead slots included (before packing)."""
+    cols = mask.any(0).nonzero()
+    start = int(cols[0]) if len(cols) else mask.shape[1]
+    states, mask = states[:, start:], mask[:, start:]
+    return torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype)), mask
+
+
+def run(mm: MemGenModel, cells, batch: int, ab: str, on: bool) -> tuple[float, list[list[int]], int, int]:
+    saved = weaver._packed, weaver._common_prefix
+    if not on and ab == "packed":
+        weaver._packed = _as_they_lie
+    if not on and ab == "head":
+        weaver._common_prefix = lambda ids, mask: 0
+    try:
+        return decode_row(mm, cells, batch, drop=on or ab != "drop")
+    finally:
+        weaver._packed, weaver._common_prefix = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -61,6 +85,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="the default eval.batch_size")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ab", choices=("drop", "packed", "head"), default="drop", help="the speed-up switched off")
     args = ap.parse_args()
     lm = load_model(args.model, "fp32")
     torch.manual_seed(0)
@@ -74,19 +99,18 @@ def main() -> None:
         mm.eval()
     cells = matrix_row_cells(lm.tokenizer, args.n)
     print(f"model={args.model} weaver={args.weaver or 'untrained'} n={args.n} per cell, batch={args.batch}, "
-          f"K={args.k}, threads={torch.get_num_threads()}")
+          f"K={args.k}, threads={torch.get_num_threads()}, off: {args.ab}")
     secs: dict[bool, list[float]] = {True: [], False: []}
     got: dict[bool, list[list[int]]] = {}
     for r in range(args.repeats):
-        for drop in (r % 2 == 0, r % 2 == 1):  # alternate which goes first
-            s, got[drop], useful, paid = decode_row(mm, cells, args.batch, drop)
-            secs[drop].append(s)
+        for on in (r % 2 == 0, r % 2 == 1):  # alternate which goes first
+            s, got[on], useful, paid = run(mm, cells, args.batch, args.ab, on)
+            secs[on].append(s)
     same = got[True] == got[False]
-    keep, drop = min(secs[False]), min(secs[True])
+    on, off = min(secs[True]), min(secs[False])
     print(f"generated tokens {useful}, row-steps a batch runs to its longest row {paid} "
           f"(useful {useful / paid:.0%})")
-    print(f"kept in the batch: {keep:.1f}s   dropped once finished: {drop:.1f}s   "
-          f"dropped / kept = {drop / keep:.2f}   same tokens: {same}")
+    print(f"{args.ab} off: {off:.1f}s   on: {on:.1f}s   on / off = {on / off:.2f}   same tokens: {same}")
 
 
 if __name__ == "__main__":
