@@ -249,9 +249,20 @@ def _packed(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     Unread spans are full of slots a row does not have: the K latent slots of every insertion other rows made, a
     round's right padding. Packed, the weaver computes only live slots plus the padding of the row with the most
     (measured on a trained weaver's ``quick`` evaluation row: 70% of the slots it was handed were dead). Positions
-    come from the mask, so they do not change; outputs are the same up to float summation order."""
+    come from the mask, so they do not change; outputs are the same up to float summation order. Decoding only
+    (no gradients); see below."""
     if bool(mask.all()):
         return states, mask
+    if torch.is_grad_enabled():
+        # Training's replay (weaver SFT, the GRPO recompute) has little to pack (a round's padding), and there the
+        # gather and its backward may cost more than they save: with packing the default run's weaver SFT took
+        # 622 s against 508 s without (one run each, not an A/B). So with gradients only the leading columns no
+        # row has are cut, as before packing.
+        cols = mask.any(0).nonzero()
+        start = int(cols[0]) if len(cols) else mask.shape[1]
+        states, mask = states[:, start:], mask[:, start:]
+        return torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype,
+                                                                       device=states.device)), mask
     index, packed = kv.right_aligned(mask)  # (B, T'), (B, T')
     states = states.gather(1, index[..., None].expand(*index.shape, states.shape[2]))
     # Padding may hold garbage (even NaN for fully padded rows); zero it so 0-weight attention stays 0.
