@@ -57,18 +57,10 @@ def decode_row(mm: MemGenModel, cells, batch: int, drop: bool) -> tuple[float, l
     return time.perf_counter() - t0, seqs, useful, paid
 
 
-def _as_they_lie(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unread span from the first column any row has unread, dead slots included (before packing)."""
-    cols = mask.any(0).nonzero()
-    start = int(cols[0]) if len(cols) else mask.shape[1]
-    states, mask = states[:, start:], mask[:, start:]
-    return torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype)), mask
-
-
 def run(mm: MemGenModel, cells, batch: int, ab: str, on: bool) -> tuple[float, list[list[int]], int, int]:
     saved = weaver._packed, weaver._common_prefix
     if not on and ab == "packed":
-        weaver._packed = _as_they_lie
+        weaver._packed = weaver._as_they_lie
     if not on and ab == "head":
         weaver._common_prefix = lambda ids, mask: 0
     try:

@@ -242,6 +242,15 @@ def _drop_prefix(ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.T
     return ids[:, -width:], mask[:, -width:]
 
 
+def _as_they_lie(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unread span from the first column any row has unread, dead slots included, padding zeroed."""
+    cols = mask.any(0).nonzero()
+    start = int(cols[0]) if len(cols) else mask.shape[1]
+    states, mask = states[:, start:], mask[:, start:]
+    return torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype,
+                                                                   device=states.device)), mask
+
+
 def _packed(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The states the weaver has not read (B, T, d_r) with their mask (B, T), each row's live ones packed to the
     right in order (B, T', d_r) / (B, T'), padding zeroed.
@@ -256,13 +265,8 @@ def _packed(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     if torch.is_grad_enabled():
         # Training's replay (weaver SFT, the GRPO recompute) has little to pack (a round's padding), and there the
         # gather and its backward may cost more than they save: with packing the default run's weaver SFT took
-        # 622 s against 508 s without (one run each, not an A/B). So with gradients only the leading columns no
-        # row has are cut, as before packing.
-        cols = mask.any(0).nonzero()
-        start = int(cols[0]) if len(cols) else mask.shape[1]
-        states, mask = states[:, start:], mask[:, start:]
-        return torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype,
-                                                                       device=states.device)), mask
+        # 622 s against 508 s without (one run each, not an A/B). So with gradients the states go as they lie.
+        return _as_they_lie(states, mask)
     index, packed = kv.right_aligned(mask)  # (B, T'), (B, T')
     states = states.gather(1, index[..., None].expand(*index.shape, states.shape[2]))
     # Padding may hold garbage (even NaN for fully padded rows); zero it so 0-weight attention stays 0.
