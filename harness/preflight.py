@@ -74,7 +74,7 @@ def check_method_options(cfg: RunConfig) -> None:
 def check_model(cfg: RunConfig) -> RunConfig:
     """The model resolves (built-in, .gguf file, local folder or Hub id: its config loads); ``dtype=auto`` is
     resolved. Returns the config as the run will use it."""
-    from harness.models import BUILTIN_MODELS, checkpoint_dtype, resolve_auto_dtype
+    from harness.models import BUILTIN_MODELS, checkpoint_dtype, run_dtype
 
     name = cfg.model
     if name == "smollm2-135m":
@@ -88,7 +88,7 @@ def check_model(cfg: RunConfig) -> RunConfig:
     elif name not in BUILTIN_MODELS:
         checkpoint_dtype(name, cfg.model_args)  # a config load: one line naming the model when it fails
     if cfg.dtype == "auto":
-        cfg = dataclasses.replace(cfg, dtype=resolve_auto_dtype(name, cfg.device, cfg.model_args))
+        cfg = dataclasses.replace(cfg, dtype=run_dtype(cfg))
     return cfg
 
 

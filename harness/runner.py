@@ -25,7 +25,14 @@ from harness.config import ConfigError, RunConfig, to_dict
 from harness.distributed import barrier, is_main, map_sharded
 from harness.generation import stop_token_ids
 from harness.methods import Method, build_method
-from harness.models import LoadedModel, chat_template_record, load_run_model, model_record
+from harness.models import (
+    LoadedModel,
+    chat_template_record,
+    dtype_name,
+    load_run_model,
+    model_record,
+    run_dtype,
+)
 from harness.progress import cell_progress
 from harness.seeding import derive_seed, set_seed
 from harness.store import (
@@ -174,6 +181,14 @@ def holds_results(run_dir: Path) -> bool:
     return next((run_dir / "cells").glob("r*_*.json"), None) is not None or completed_stage(run_dir) > 0
 
 
+def with_dtype(cfg: RunConfig, model: LoadedModel | None = None) -> RunConfig:
+    """``dtype=auto`` resolved (the CLI's preflight resolves it first; a config built in code arrives with it): the
+    dtype of the model handed in, else the rule of ``run_dtype``."""
+    if cfg.dtype != "auto":
+        return cfg
+    return dataclasses.replace(cfg, dtype=dtype_name(model) if model is not None else run_dtype(cfg))
+
+
 def with_probes(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its probes resolved (None -> the named sequence's), as config.json records them."""
     return dataclasses.replace(cfg, probes=tuple(resolve_probes(cfg.sequence, cfg.probes)))
@@ -224,6 +239,7 @@ def run_method(
     notify = on_event or (lambda kind, info: None)
     task_names = resolve_sequence(cfg.sequence)
     cfg = with_probes(cfg)  # a bad probe fails here, before anything is written; config.json records the list
+    cfg = with_dtype(cfg, model)  # config.json, meta.json and the evaluation cache get the dtype that ran
     tasks = [get_task(n, cfg.data_dir) for n in task_names]
     probe_tasks = [get_task(n, cfg.data_dir) for n in cfg.probes or ()]
     run_dir.mkdir(parents=True, exist_ok=True)

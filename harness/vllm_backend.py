@@ -142,12 +142,14 @@ class Engine:
         _cpu_defaults()
         from vllm import LLM
 
+        from harness.models import dtype_name
+
         self.cfg = cfg
         self.base = lm.model
         self.tokenizer = lm.tokenizer
         self.source = str(_model_source(lm, cfg))
         args: dict[str, Any] = {
-            "model": self.source, "tokenizer": self.source, "dtype": _VLLM_DTYPES[cfg.dtype], "seed": cfg.seed,
+            "model": self.source, "tokenizer": self.source, "dtype": _VLLM_DTYPES[dtype_name(lm)], "seed": cfg.seed,
             "generation_config": "vllm",  # no sampling defaults from the model folder (hf's are cleared too)
             "max_model_len": min(4096, int(getattr(lm.model.config, "max_position_embeddings", 4096) or 4096)),
             "enable_prefix_caching": False,  # ExpeL/AWM's shared few-shot prefixes would be reused otherwise: fine

@@ -225,6 +225,31 @@ print(json.dumps(out))
     assert "unknown column(s) ['Bdy']" in error_line(r) and not (tmp_path / "r").exists()
 
 
+def test_default_dtype_is_auto_and_every_record_gets_the_one_that_ran():
+    """The default run's dtype is auto: smollm2-135m (published in bf16) runs in bf16 on a CPU with native bf16,
+    tiny-random in fp32; a config built in code reaches the runner with auto and leaves it resolved, from the
+    model handed in when there is one."""
+    import torch
+
+    from harness.config import RunConfig, apply_overrides
+    from harness.models import checkpoint_dtype, load_model, resolve_auto_dtype
+    from harness.runner import with_dtype
+
+    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert RunConfig().dtype == "auto"
+    assert checkpoint_dtype("smollm2-135m") == "bf16" and checkpoint_dtype("tiny-random") == "fp32"
+    assert resolve_auto_dtype("smollm2-135m", "cpu") == ("bf16" if native_bf16 else "fp32")
+    assert resolve_auto_dtype("smollm2-135m", "cuda") == "bf16"
+    assert with_dtype(RunConfig(model="tiny-random")).dtype == "fp32"
+    assert with_dtype(RunConfig(model="smollm2-135m")).dtype == ("bf16" if native_bf16 else "fp32")
+    handed = load_model("tiny-random", "bf16")
+    assert with_dtype(RunConfig(model="tiny-random"), handed).dtype == "bf16"  # what the handed-in model is
+    assert with_dtype(RunConfig(model="smollm2-135m", dtype="fp32")).dtype == "fp32"  # a pinned dtype stays
+    full_ft = apply_overrides(RunConfig(), ["train.lora=false"])  # bf16 weights would lose AdamW's small steps
+    assert with_dtype(full_ft).dtype == "fp32"
+    assert with_dtype(apply_overrides(full_ft, ["dtype=bf16"])).dtype == "bf16"
+
+
 def test_model_args_dtype_auto_and_chat_template_choices(tmp_path):
     """--model-args reach from_pretrained, auto picks the checkpoint's dtype by the CPU rule, and the chat template
     can be none, a file, and carry a system prompt; each choice is recorded with its own hash."""

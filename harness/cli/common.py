@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, help="Continual-l
                   "latent memory vs weight updates vs retrieval.", pretty_exceptions_enable=False)
 console = Console(stderr=True, soft_wrap=True)  # log files get whole lines, not lines hard-wrapped at 80 columns
 USER_ERRORS = (ConfigError, TaskError, ModelLoadError, NonFiniteLossError, FileNotFoundError, ValueError)
-DTYPE_HELP = "fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; fp32 on CPU unless native bf16)."
+DTYPE_HELP = "fp32, bf16, fp16 or auto (default: the checkpoint's dtype on GPU; on CPU bf16 for a bf16 checkpoint with native bf16 kernels, else fp32)."
 DEVICE_HELP = "cpu, cuda or cuda:N."
 # From RunConfig itself, so the help cannot drift from the default it describes.
 METHODS_HELP = f"Comma-separated methods (default: {','.join(RunConfig().methods)})."
