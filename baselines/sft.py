@@ -49,6 +49,7 @@ from harness.training import (
     tokenize_prompt_target,
     trainable_model,
     training_arguments,
+    training_attention,
 )
 from tasks.base import Example, Task
 
@@ -89,7 +90,8 @@ class SFT:
         trainer.remove_callback(PrinterCallback)
         self.model.train()
         t0 = time.perf_counter()
-        trainer.train()
+        with training_attention(self.model):  # bf16 on CPU: eager attention's backward is faster there
+            trainer.train()
         release_engine(trainer.accelerator)  # DeepSpeed: its hooks off the model (ZeRO-3 gathers in them)
         gather_weights(self.model)  # FSDP2/ZeRO-3: whole weights for evaluation, the checkpoint and the sync check
         self.model.eval()

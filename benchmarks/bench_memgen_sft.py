@@ -10,6 +10,7 @@ process's peak resident set (ru_maxrss) after the MemGen steps, before the SFT m
 
     python benchmarks/bench_memgen_sft.py --steps 4
     python benchmarks/bench_memgen_sft.py --steps 4 --breakdown   # + where a weaver step's time goes
+    python benchmarks/bench_memgen_sft.py --steps 4 --dtype bf16  # the default run's dtype on a native-bf16 CPU
 
 ``--breakdown`` times the phases of each MemGen step: the reasoner's chunk forwards (``WovenState.feed``), the
 weaver's forwards (``WovenState.weave``), the rest of the forward (embedding, lm_head, cross-entropy), the backward
@@ -37,7 +38,7 @@ from harness.memgen.options import MemGenOptions  # noqa: E402
 from harness.memgen.sft import build_woven_batch, delimiter_points, sft_loss  # noqa: E402
 from harness.memgen.weaver import MemGenModel, WovenState  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.training import lora_config, pad_right, tokenize_prompt_target  # noqa: E402
+from harness.training import lora_config, pad_right, tokenize_prompt_target, training_attention  # noqa: E402
 from tasks.registry import get_task  # noqa: E402
 
 
@@ -48,10 +49,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto (the default run's: bf16 on a native-bf16 CPU)")
     ap.add_argument("--breakdown", action="store_true", help="time the phases of each MemGen step")
     args = ap.parse_args()
 
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     tok = lm.tokenizer
     opts = MemGenOptions()
     mm = MemGenModel(lm, opts)
@@ -96,7 +98,9 @@ def main() -> None:
             phases.setdefault(key, []).append(value)
 
     opt_m = torch.optim.AdamW(mm.weaver_parameters(), lr=1e-4)
-    with mm.weaver_dropout(True):  # as train_weaver: only the weaver's LoRA dropout trains (left on for SFT too)
+    # As train_weaver: only the weaver's LoRA dropout trains (left on for SFT too), and in bf16 on CPU both models'
+    # training forwards use eager attention (training_attention; a no-op in fp32).
+    with mm.weaver_dropout(True), training_attention(mm.reasoner_lm, mm.peft):
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         memgen_step(batches[0])  # warm-up; also the memory peak of a MemGen step, before the SFT model exists
@@ -108,14 +112,15 @@ def main() -> None:
 
         from peft import get_peft_model
 
-        sft_model = get_peft_model(load_model(args.model, device=args.device).model, lora_config(TrainConfig()))
+        sft_model = get_peft_model(load_model(args.model, dtype=args.dtype, device=args.device).model, lora_config(TrainConfig()))
         sft_model.train()
         opt_s = torch.optim.AdamW([p for p in sft_model.parameters() if p.requires_grad], lr=1e-4)
 
         def sft_step(b) -> None:
             enc = {k: v.to(args.device) if torch.is_tensor(v) else v
                    for k, v in pad_right(b, tok.pad_token_id, trim_logits=True).items()}
-            sft_model(**enc).loss.backward()
+            with training_attention(sft_model):
+                sft_model(**enc).loss.backward()
             opt_s.step()
             opt_s.zero_grad(set_to_none=True)
 

@@ -41,3 +41,38 @@ def test_trimmed_logits_give_the_full_loss_and_gradients(tiny):
     assert g_full.keys() == g_trim.keys() and g_full
     for n in g_full:
         torch.testing.assert_close(g_trim[n], g_full[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_bf16_cpu_training_runs_eager_attention_and_a_contiguous_head_input(tiny):
+    """``training_attention``: eager attention inside (bf16 on CPU only), sdpa again after, the same loss and LoRA
+    gradients up to bf16 rounding; the head's pre-hook gives the same logits as without it."""
+    from harness.training import training_attention
+
+    lm = tiny(0)
+    tok = lm.tokenizer
+    model = trainable_model(lm.model, RunConfig(model="tiny-random"), "sft")
+    with training_attention(model):  # fp32: nothing switches
+        assert model.get_base_model().config._attn_implementation == "sdpa"
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    rows = [tokenize_prompt_target(tok, p, t, 256) for p, t in [("What is 2 + 3?", "5"), ("Hi", "Hello there, friend")]]
+    batch = pad_right(rows, tok.pad_token_id, trim_logits=True)
+    model.train(False)
+    loss_sdpa, g_sdpa = _loss_and_grads(model, batch)
+    base = model.get_base_model()
+    with training_attention(model, base):  # the same base twice: switched once, restored once
+        assert base.config._attn_implementation == "eager" and base.model.config._attn_implementation == "eager"
+        loss_eager, g_eager = _loss_and_grads(model, batch)
+    assert base.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(loss_eager, loss_sdpa, rtol=2e-2, atol=2e-2)
+    for n in g_sdpa:
+        assert torch.nn.functional.cosine_similarity(g_eager[n].float().flatten(), g_sdpa[n].float().flatten(),
+                                                     dim=0) > 0.99, n
+    head = base.get_output_embeddings()
+    assert head._memgen_contiguous_input  # load_model registered the pre-hook
+    h = torch.randn(2, 6, head.in_features, dtype=torch.bfloat16)[:, -3:]  # a strided slice, as logits_to_keep makes
+    assert not h.is_contiguous()
+    assert torch.equal(head(h), torch.nn.functional.linear(h.contiguous(), head.weight))

@@ -39,6 +39,7 @@ from harness.distributed import (
 from harness.memgen.generation import completion_length, memgen_generate
 from harness.memgen.sft import WovenBatch, build_woven_batch, weaver_update, woven_logprobs
 from harness.memgen.weaver import MemGenModel
+from harness.training import training_attention
 from tasks.base import Example, Task
 
 
@@ -222,9 +223,10 @@ def weaver_grpo_step(
     optimizer.zero_grad(set_to_none=True)
     local_loss = 0.0
     if ro is not None:
-        loss, _ = weaver_policy_loss(mm, ro, adv[rows.start:rows.stop], sch.aggregation, sch.temperature)
-        mm.check_trainable(label)
-        (loss * share).backward()
+        with training_attention(mm.reasoner_lm, mm.peft):  # bf16 on CPU: eager attention's backward is faster
+            loss, _ = weaver_policy_loss(mm, ro, adv[rows.start:rows.stop], sch.aggregation, sch.temperature)
+            mm.check_trainable(label)
+            (loss * share).backward()
         local_loss = loss.item() * share
     total = weaver_update(params, local_loss, optimizer, scheduler, sch.max_grad_norm, label)
     return {"loss": total, "reward": float(rewards.mean()), "insertions": sum(i for _, _, i in every) / n_rows,

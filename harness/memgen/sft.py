@@ -34,7 +34,7 @@ from harness.distributed import all_reduce_grads, all_reduce_sum, check_in_sync,
 from harness.logprobs import token_logprobs
 from harness.memgen.turns import TurnChunks, prefill, turn_chunks
 from harness.memgen.weaver import MemGenModel, WovenState
-from harness.training import IGNORE_INDEX, NonFiniteLossError
+from harness.training import IGNORE_INDEX, NonFiniteLossError, training_attention
 
 
 @dataclass
@@ -217,7 +217,8 @@ def train_weaver(
     tokens = 0  # prompt + target tokens through a forward with gradients, over every step and process
     t0 = time.perf_counter()
     # Only the weaver's LoRA dropout trains; the reasoner's modules stay in eval mode (deterministic, frozen).
-    with mm.weaver_dropout(True):
+    # bf16 on CPU: eager attention, whose backward is faster there (harness.training.training_attention).
+    with mm.weaver_dropout(True), training_attention(mm.reasoner_lm, mm.peft):
         for step in range(sch.steps):
             if len(order) < sch.batch_size:
                 more = list(range(len(rows)))
