@@ -31,8 +31,8 @@ class TrainConfig:
 
     train_limit: int | None = 256
     """Training examples per task (seeded subsample); None = the whole train split."""
-    max_steps: int = 24
-    """Optimizer steps per task; 0 = derive from ``epochs``. 24 x batch 8 at lr 1e-3 is the laptop default: on
+    max_steps: int = 32
+    """Optimizer steps per task; 0 = derive from ``epochs``. 32 x batch 8 at lr 1e-3 is the laptop default: on
     ``quick`` it lets SFT and MemGen learn within the 2-core CPU budget (README "What a run does")."""
     epochs: float = 1.0
     """Passes over the training examples when ``max_steps`` is 0."""

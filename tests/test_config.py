@@ -9,7 +9,7 @@ def test_defaults_roundtrip():
     cfg = RunConfig()
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
     assert cfg.sequence == "quick" and cfg.methods == ("vanilla", "sft", "memgen") and cfg.model == "smollm2-135m"
-    assert cfg.train.max_steps == 24 and cfg.train.lr == 1e-3 and cfg.eval.limit == 32
+    assert cfg.train.max_steps == 32 and cfg.train.lr == 1e-3 and cfg.eval.limit == 32
 
 
 def test_overrides_and_types():

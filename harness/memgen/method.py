@@ -22,7 +22,7 @@ Departures from the paper (MemGen, arXiv 2509.24704) and its public code:
   as the paper) unless ``weaver_input=embeddings`` (as the public code).
 - The query scales start at the weaver's token-embedding RMS (public code: 1.0) and both projections start at the
   scale of the space they write into, so the untrained weaver's latents are the size of token embeddings.
-- Optimiser and schedule from ``train.*`` (batch 8, 24 steps, cosine, like the ``sft`` baseline) rather than
+- Optimiser and schedule from ``train.*`` (batch 8, 32 steps, cosine, like the ``sft`` baseline) rather than
   the paper's 2 epochs at lr 1e-5: on this CPU the step budget must match SFT's. ``lr`` may be set separately.
 - Weaver SFT is batched (the public code loops over samples one by one).
 - Under ``accelerate launch`` weaver SFT, weaver GRPO and trigger training are data-parallel: each step's rows
