@@ -388,7 +388,7 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
     ``logits_to_keep`` (the SFT baseline's head on target positions, TRL's GRPO) slices the last positions out of
     the (B, T, d) states, and for that strided input torch's CPU matmul in bf16 broadcasts the (V, d) head weight to
     (B, d, V) and copies it: 1.3 s of a 3.8 s SmolLM2 LoRA SFT step (8 rows x 86 tokens, 49k vocabulary). A
-    contiguous (B, k, d) copy is tiny and folds into one mm (the step: 2.6 s; ``benchmarks/bench_memgen_sft.py``)."""
+    contiguous (B, k, d) copy is tiny and folds into one mm (the step: 2.4 s; ``benchmarks/bench_memgen_sft.py``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module) and not getattr(head, "_memgen_contiguous_input", False):
         head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]) if args else None)
