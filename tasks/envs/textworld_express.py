@@ -3,6 +3,11 @@
 Games are generated offline from (game, parameters, fold, seed) by the ``textworld-express`` package (a Java
 simulator driven through py4j; needs ``java`` on PATH). Train episodes use the train fold's seeds and the
 simulator's gold action sequence as the expert; test episodes use the test fold's seeds.
+
+Departure: the simulator's gold path for Coin Collector is an unseeded random walk (seed 20000's came back as 3, 5
+and 7 moves on three resets, and once longer than ``max_turns``, so the expert failed its own episode). The game is
+seeded, its expert was not: for ``coin`` the expert is instead the shortest path to the coin, found by a
+breadth-first search over the seeded game (``shortest_coin_path``), the same on every machine.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ from typing import Any
 from harness.agent import Message
 from tasks.base import Example, TaskError
 from tasks.envs.base import AgentTaskOptions, EnvTask
+
+# Games whose simulator gold path is a random walk, replaced by a breadth-first search (see the module docstring).
+SEARCHED_GOLD = {"coin"}
+# Resets one search may spend before it gives up (a 3-room map needs about 4; 11 rooms with doors well under 100).
+MAX_SEARCH_RESETS = 400
 
 # One JVM per concurrently running episode, reused across episodes (a JVM takes ~0.3 s to start, ~70 MB).
 _FREE: list[Any] = []
@@ -54,17 +64,60 @@ class TextWorldExpressEnvironment:
         self.game, self.params, self.fold, self.seed = game, params, fold, seed
         self.step_limit, self.max_valid = step_limit, max_valid
         self._env: Any = None
-        self.gold: list[str] = []
         self.task_description = ""
 
     def reset(self) -> str:
         if self._env is None:
             self._env = _acquire(self.step_limit)
-        obs, info = self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params,
-                                    generateGoldPath=True)
-        self.gold = list(self._env.getGoldActionSequence())
+        obs, info = self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params)
         self.task_description = info["taskDescription"]
         return f"{self.task_description}\n\n{format_observation(obs, info.get('validActions'), self.max_valid)}"
+
+    def expert_actions(self) -> list[str]:
+        """The expert's actions for this episode (the search for ``SEARCHED_GOLD`` games, else the simulator's gold).
+        Call ``reset`` before stepping the episode."""
+        if self._env is None:
+            self._env = _acquire(self.step_limit)
+        if self.game in SEARCHED_GOLD:
+            gold = self.shortest_coin_path()
+        else:
+            self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params,
+                            generateGoldPath=True)
+            gold = list(self._env.getGoldActionSequence())
+        return gold
+
+    def _replay(self, actions: list[str]) -> dict[str, Any]:
+        """The simulator's info after a fresh reset and ``actions``."""
+        _, info = self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params)
+        for a in actions:
+            _, _, _, info = self._env.step(a)
+        return info
+
+    def shortest_coin_path(self) -> list[str]:
+        """The fewest moves (doors opened as needed) from the start to taking the coin, by breadth-first search.
+
+        A state is what ``look around`` shows (the room and its doors), expanded by ``move``/``open door`` actions in
+        sorted order, so ties break the same way everywhere. Starts with ``look around``, as the simulator's gold does.
+        """
+        start = self._replay([])
+        frontier, seen, resets = [([], start)], {start["look"]}, 1
+        while frontier:
+            nxt = []
+            for path, info in frontier:
+                if "take coin" in info["validActions"]:
+                    return ["look around", *path, "take coin"]
+                for a in sorted(info["validActions"]):
+                    if not a.startswith(("move ", "open door")):
+                        continue
+                    if resets >= MAX_SEARCH_RESETS:
+                        raise TaskError(f"textworld_express {self.game} seed {self.seed}: no coin within "
+                                        f"{MAX_SEARCH_RESETS} searched states; use fewer numLocations in options.games")
+                    after, resets = self._replay([*path, a]), resets + 1
+                    if after["look"] not in seen:
+                        seen.add(after["look"])
+                        nxt.append(([*path, a], after))
+            frontier = nxt
+        raise TaskError(f"textworld_express {self.game} seed {self.seed}: the coin is unreachable from the start")
 
     def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         obs, _, done, info = self._env.step(action)
@@ -137,8 +190,8 @@ class TextWorldExpressTask(EnvTask):
             return ep
         env = self._env_for(ep.meta)
         try:
+            gold = env.expert_actions()
             first = env.reset()
-            gold = list(env.gold)
         finally:
             env.close()
         return Example(id=ep.id, question=first, answer=ep.answer,
