@@ -190,8 +190,12 @@ def _trainer_class():
     (``add_special_tokens=False``: the chat template already holds any BOS; TRL's plain ``processing_class(text=...)``
     would add a second one for Llama-style tokenizers) and (2) stops and masks rollouts at ``stop_ids``, the stop
     tokens of evaluation, instead of TRL's (tokenizer EOS + model EOS). Overrides ``_tokenize_prompts`` and sets
-    ``eos_token_ids``/the generation config of TRL 1.x (pinned ``trl>=1.16,<2``; tests check both)."""
+    ``eos_token_ids``/the generation config of TRL 1.x (pinned ``trl>=1.16,<2``; tests check both). (3) Its loss
+    forwards (and so their backward) run under ``training_attention``, as every trainer's here: eager attention for
+    bf16 on CPU, where sdpa's backward is slow; sampling keeps sdpa."""
     from trl import GRPOTrainer
+
+    from harness.training import training_attention
 
     class EvalAlignedGRPOTrainer(GRPOTrainer):
         def __init__(self, *args: Any, stop_ids: Sequence[int] | None = None, **kwargs: Any):
@@ -209,6 +213,10 @@ def _trainer_class():
                 ids = self.processing_class(text=prompts, add_special_tokens=False)["input_ids"]
                 return ids, None, {}
             return super()._tokenize_prompts(prompts)
+
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            with training_attention(self.model):
+                return super().compute_loss(model, inputs, *args, **kwargs)
 
     return EvalAlignedGRPOTrainer
 

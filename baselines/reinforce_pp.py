@@ -91,6 +91,7 @@ from harness.training import (
     rollout_stop_ids,
     save_weights,
     trainable_model,
+    training_attention,
 )
 from harness.vllm_backend import rollout_sampler
 from tasks.base import Example, Task
@@ -307,7 +308,9 @@ class ReinforcePP:
             r = self.rollout([task.prompt(e, self.tokenizer) for e in examples], 1, budget)
             local = [float(task.score(t, e)) for t, e in zip(r.texts, examples, strict=True)]
             mask = r.completion_mask
-            with torch.no_grad():
+            # log-prob forwards: eager attention for bf16 on CPU (its backward is faster there), the old ones
+            # too, so ratios start at 1 under one attention implementation; sampling above keeps sdpa
+            with torch.no_grad(), training_attention(*[m for m in (self.model, self.ref_model) if m is not None]):
                 old = self._logps(self.model, r)  # (B_local, C)
                 ref = self.reference_logps(r) if use_kl else None  # (B_local, C)
         kl = rl.approx_kl(old, ref, mask, o.kl_estimator) if ref is not None else None  # (B_local, C)
@@ -329,7 +332,8 @@ class ReinforcePP:
         params = self._trainable()
         ratio_dev = 0.0
         for epoch in range(o.ppo_epochs):
-            logp = self._logps(model, r)  # (B_local, C)
+            with training_attention(self.model):
+                logp = self._logps(model, r)  # (B_local, C)
             if epoch == 0:
                 with torch.no_grad():
                     ratio_dev = float(((logp - old).exp() - 1).abs().mul(mask).max()) if n_tok else 0.0

@@ -12,7 +12,11 @@ the same run mean anything.
 ``--staggered`` measures what insertion itself costs in the realistic case: row b of a batch inserts at steps
 t with (t + offset_b) % every == 0, offsets spread over the rows, as happens when each row meets its own
 delimiters (at batch 32 nearly every step then has some row inserting). It prints, per dtype and batch size,
-MemGen with insertion / the same loop with insertion off (and that loop / ``model.generate``):
+MemGen with insertion / the same loop with insertion off (and that loop / ``model.generate``), and beside it the
+ratio of token positions the forwards process with and without insertion (the weaver reads every state up to a
+row's last insertion, plus K queries, and the reasoner K latents per insertion). Where forwards are compute-bound
+(this CPU at batch >= 8: a batch-32 step costs as much as a 32-token chunk) that token ratio is the floor of the
+time ratio; where they are weight-read-bound (batch 1) the weaver's chunked reading is cheap:
 
     python benchmarks/bench_memgen_generation.py --staggered --tokens 128 --batches 1,8,32 --dtypes fp32,bf16
 """
@@ -132,23 +136,41 @@ def _staggered_times(lm, mm: MemGenModel, enc, offset: torch.Tensor, args: argpa
     def trigger(ctx):
         return ((ctx.step + offset) % args.every == 0) & ctx.candidates
 
-    def run(insert: bool) -> None:
+    def run(insert: bool):
         out = memgen_generate(mm, enc.input_ids, enc.attention_mask, args.tokens, insert=insert, trigger=trigger,
                               delimiters=every_token, eos_token_ids=[])
         assert out.sequences.shape[1] == args.tokens
+        return out
 
     def plain() -> None:
         with torch.no_grad():
             lm.model.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                               pad_token_id=lm.tokenizer.pad_token_id)
 
-    run(True)  # warm-up
+    points = run(True).insertions  # warm-up; per row the steps it inserted at (0 = after the prompt)
     times: dict[str, list[float]] = {"on": [], "off": [], "generate": []}
     for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
         times["on"].append(timed(lambda: run(True)))
         times["off"].append(timed(lambda: run(False)))
         times["generate"].append(timed(plain))
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med["token_ratio"] = token_ratio(enc.attention_mask, points, args.tokens, args.k)
+    return med
+
+
+def token_ratio(mask: torch.Tensor, points: list[list[int]], tokens: int, k: int) -> float:
+    """Token positions the forwards process with insertion / without, for prompts ``mask`` (B, P) and insertion
+    steps ``points`` per row. Without: the reasoner reads the prompts and ``tokens`` per row. With, per row: the
+    reasoner also reads K latents per insertion; the weaver reads the prompt, the tokens and latents before the row's
+    last insertion, and K queries per insertion. (Sharing the prompts' common head is ignored on both sides.)"""
+    prompt = mask.sum(1).tolist()  # (B,)
+    off = sum(prompt) + len(prompt) * tokens
+    on = off
+    for p, pts in zip(prompt, points, strict=True):
+        n = len(pts)
+        on += n * k  # reasoner: latents
+        on += p + (pts[-1] if pts else 0) + max(n - 1, 0) * k + n * k  # weaver: read states, queries
+    return on / off
 
 
 def staggered(args: argparse.Namespace) -> None:
@@ -167,7 +189,8 @@ def staggered(args: argparse.Namespace) -> None:
                                padding=True, add_special_tokens=False)
             offset = torch.tensor([b * args.every // bs for b in range(bs)])  # (B,) spread over the period
             med = _staggered_times(lm, mm, enc, offset, args)
-            print(f"{dtype} batch {bs}: insert-on / insert-off = {med['on'] / med['off']:.3f}, "
+            print(f"{dtype} batch {bs}: insert-on / insert-off = {med['on'] / med['off']:.3f} "
+                  f"(token ratio {med['token_ratio']:.2f}), "
                   f"insert-off / generate = {med['off'] / med['generate']:.3f}  "
                   f"(medians on {med['on']:.2f}s off {med['off']:.2f}s generate {med['generate']:.2f}s)", flush=True)
 

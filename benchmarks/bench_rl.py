@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--kl-coef", type=float, default=0.0, help="rl.kl_coef for both methods")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16 or auto (the run's default: bf16 on a native-bf16 CPU)")
     ap.add_argument("--memgen", action="store_true", help="also time MemGen weaver GRPO (untrained weaver)")
     ap.add_argument("--out", type=Path, default=None, help="write the per-step figures as JSON here")
     a = ap.parse_args()
@@ -143,12 +144,12 @@ def main() -> None:
     if n_gen % a.rpp_samples:
         ap.error(f"--rpp-samples {a.rpp_samples} must divide group x prompts = {n_gen}")
     rpp_prompts = n_gen // a.rpp_samples
-    cfg = RunConfig(model=a.model, seed=a.seed, rl=RLConfig(kl_coef=a.kl_coef),
+    cfg = RunConfig(model=a.model, seed=a.seed, dtype=a.dtype, rl=RLConfig(kl_coef=a.kl_coef),
                     train=TrainConfig(max_steps=a.steps, lr=a.lr, warmup_ratio=0.0, scheduler="constant"))
     examples = task.load("train", limit=max(64, a.steps * max(a.prompts, rpp_prompts)), seed=a.seed)
-    grpo = GRPO(load_model(a.model), cfg, {"num_generations": a.group, "prompts_per_step": a.prompts,
+    grpo = GRPO(load_model(a.model, a.dtype), cfg, {"num_generations": a.group, "prompts_per_step": a.prompts,
                                            "max_completion_length": budget})
-    rpp = ReinforcePP(load_model(a.model), cfg, {"samples_per_prompt": a.rpp_samples, "prompts_per_step": rpp_prompts,
+    rpp = ReinforcePP(load_model(a.model, a.dtype), cfg, {"samples_per_prompt": a.rpp_samples, "prompts_per_step": rpp_prompts,
                                                  "max_completion_length": budget})
     memgen = None
     if a.memgen:
@@ -157,7 +158,7 @@ def main() -> None:
         from harness.memgen.options import MemGenOptions
         from harness.memgen.weaver import MemGenModel
 
-        mm = MemGenModel(load_model(a.model), MemGenOptions())
+        mm = MemGenModel(load_model(a.model, a.dtype), MemGenOptions())
         sch = WeaverGRPOSchedule(steps=a.steps, prompts_per_step=a.prompts, group=a.group, lr=a.lr, warmup_ratio=0.0,
                                  scheduler="constant", max_grad_norm=1.0, weight_decay=0.0, seed=a.seed,
                                  max_new_tokens=budget)
@@ -179,7 +180,7 @@ def main() -> None:
     n_tok = a.group * a.prompts
     print(f"\nmodel {a.model}, task {a.task}, GRPO {a.prompts} prompt(s) x {a.group}, REINFORCE++ {rpp_prompts} "
           f"prompt(s) x {a.rpp_samples}, budget {budget} tokens, {a.steps} steps, lr {a.lr}, rl.kl_coef {a.kl_coef}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, dtype {a.dtype}")
     print(f"TRL GRPOTrainer : {g_mean:6.2f} s/step (median {statistics.median(g_sec):.2f}), mean length "
           f"{g_len:.1f}, {g_mean / (g_len * n_tok):.4f} s per generated token")
     print(f"our REINFORCE++ : {r_mean:6.2f} s/step (median {statistics.median(r_sec):.2f}), mean length "

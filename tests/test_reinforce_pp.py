@@ -208,3 +208,34 @@ def test_reference_task_start_resets_the_kl_at_each_task(tiny):
         kls[ref] = method.train_on_task(LetterTask(), LetterTask().load("train", limit=4), stage=2)["kl"][0]
         assert method.ref_snapshot is None  # the snapshot lives for one task only
     assert kls["task_start"] == pytest.approx(0.0, abs=1e-6) and abs(kls["init"]) > 1e-6
+
+
+def _attention_log(model) -> list[tuple[bool, str]]:
+    """Records (grad enabled, attention implementation) of every forward of ``model``'s base."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen: list[tuple[bool, str]] = []
+    base.register_forward_pre_hook(lambda m, a: seen.append((torch.is_grad_enabled(), m.config._attn_implementation)))
+    return seen
+
+
+def test_bf16_cpu_log_prob_forwards_run_eager_attention_and_sampling_sdpa():
+    """REINFORCE++ and TRL GRPO train as SFT and MemGen do in bf16 on CPU: their log-prob forwards (the old ones and
+    the gradient ones, so the ratio starts at 1) under eager attention, sampling under sdpa."""
+    from baselines.grpo import GRPO
+    from harness.models import load_model
+
+    task = LetterTask()
+    rpp = ReinforcePP(load_model("tiny-random", "bf16"), _cfg(steps=1),
+                      {"samples_per_prompt": 2, "prompts_per_step": 2, "max_completion_length": 6})
+    seen = _attention_log(rpp.model)
+    rpp.train_on_task(task, task.load("train", limit=4), stage=1)
+    grad = {impl for g, impl in seen if g}
+    assert grad == {"eager"}, seen
+    assert ("sdpa" in {impl for g, impl in seen if not g}) and ("eager" in {impl for g, impl in seen if not g})
+    assert rpp.model.get_base_model().config._attn_implementation == "sdpa"  # restored
+    grpo = GRPO(load_model("tiny-random", "bf16"), _cfg(steps=1),
+                {"num_generations": 2, "prompts_per_step": 2, "max_completion_length": 6})
+    seen = _attention_log(grpo.model)
+    grpo.train_on_task(task, task.load("train", limit=4), stage=1)
+    assert {impl for g, impl in seen if g} == {"eager"}, seen
+    assert grpo.model.get_base_model().config._attn_implementation == "sdpa"
