@@ -14,9 +14,10 @@ t with (t + offset_b) % every == 0, offsets spread over the rows, as happens whe
 delimiters (at batch 32 nearly every step then has some row inserting). It prints, per dtype and batch size,
 MemGen with insertion / the same loop with insertion off (and that loop / ``model.generate``), and beside it the
 ratio of token positions the forwards process with and without insertion (the weaver reads every state up to a
-row's last insertion, plus K queries, and the reasoner K latents per insertion). Where forwards are compute-bound
-(this CPU at batch >= 8: a batch-32 step costs as much as a 32-token chunk) that token ratio is the floor of the
-time ratio; where they are weight-read-bound (batch 1) the weaver's chunked reading is cheap:
+row's last insertion, plus K queries, and the reasoner K latents per insertion): the work insertion adds by
+definition. Where forwards are compute-bound (this CPU at batch >= 8: a batch-32 decoding step costs about what a
+32-token chunk does) the time ratio cannot go far below it; where they are weight-read-bound (batch 1) the weaver's
+chunked reading is cheap:
 
     python benchmarks/bench_memgen_generation.py --staggered --tokens 128 --batches 1,8,32 --dtypes fp32,bf16
 """

@@ -12,6 +12,12 @@ process's peak resident set (ru_maxrss) after the MemGen steps, before the SFT m
     python benchmarks/bench_memgen_sft.py --steps 4 --breakdown   # + where a weaver step's time goes
     python benchmarks/bench_memgen_sft.py --steps 4 --dtype bf16  # the default run's dtype on a native-bf16 CPU
 
+Beside the time ratio it prints the ratio of token positions the two steps run forward and backward through (the
+reasoner: prompt, latents and target; the weaver: what precedes the last insertion point plus K queries per
+point; LoRA SFT: prompt and target): the work each step is defined to do. Where the forwards are compute-bound, as
+on this CPU, the time ratio follows it (not exactly: per-token costs differ, e.g. the head runs on target positions
+only); with short targets the latents and queries add as much as the weaver's copy of the prompt does.
+
 ``--breakdown`` times the phases of each MemGen step: the reasoner's chunk forwards (``WovenState.feed``), the
 weaver's forwards (``WovenState.weave``), the rest of the forward (embedding, lm_head, cross-entropy), the backward
 and the optimizer step, as medians over the timed steps and shares of the step.
@@ -40,6 +46,31 @@ from harness.memgen.weaver import MemGenModel, WovenState  # noqa: E402
 from harness.models import load_model  # noqa: E402
 from harness.training import lora_config, pad_right, tokenize_prompt_target, training_attention  # noqa: E402
 from tasks.registry import get_task  # noqa: E402
+
+
+def token_floor(rows: list[dict], is_delim: torch.Tensor, opts: MemGenOptions, batch: int,
+                share_head: bool) -> float:
+    """Token positions of the weaver SFT steps over ``rows`` / those of LoRA SFT steps (see the module docstring).
+    ``share_head``: each batch's common prompt head is fed once by the reasoner and read once by the weaver."""
+    memgen = sft = 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        prompts = [r["input_ids"][: r["prompt_len"]] for r in chunk]
+        for r, p in zip(chunk, prompts, strict=True):
+            target = r["input_ids"][r["prompt_len"] :]
+            pts = delimiter_points(target, is_delim, opts.max_insertions)  # [0, inner points...]
+            n_inner = len(pts) - 1
+            reasoner = len(p) + len(target) + opts.k_prompt + n_inner * opts.k_infer
+            woven = opts.k_prompt  # the prompt block's queries
+            if n_inner:  # up to the last point: target tokens, the blocks before it, the inner blocks' queries
+                woven += pts[-1] + opts.k_prompt + (n_inner - 1) * opts.k_infer + n_inner * opts.k_infer
+            memgen += reasoner + len(p) + woven
+            sft += len(p) + len(target)
+        head = next((j for j, col in enumerate(zip(*prompts, strict=False)) if len(set(col)) > 1),
+                    min(len(p) for p in prompts))
+        if share_head and len(prompts) > 1 and head >= weaver.MIN_SHARED_PREFIX:
+            memgen -= 2 * (len(prompts) - 1) * head  # the reasoner and the weaver each feed it once
+    return memgen / sft
 
 
 def main() -> None:
@@ -150,6 +181,9 @@ def main() -> None:
     print(f"ratio memgen/sft step time = {statistics.median(t_mem) / statistics.median(t_sft):.2f} "
           f"(prompts fed whole: {statistics.median(t_whole) / statistics.median(t_sft):.2f}; "
           f"shared head / whole = {statistics.median(t_mem) / statistics.median(t_whole):.2f})")
+    timed_rows = [r for b in batches[1:] for r in b]
+    print(f"token positions memgen/sft = {token_floor(timed_rows, is_delim, opts, args.batch, True):.2f} "
+          f"(prompts fed whole: {token_floor(timed_rows, is_delim, opts, args.batch, False):.2f}): the work ratio")
     if args.breakdown:
         n = len(t_mem)
         total = sum(statistics.median(v[-n:]) for v in phases.values())
