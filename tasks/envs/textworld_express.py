@@ -94,7 +94,7 @@ class TextWorldExpressEnvironment:
         return info
 
     def shortest_coin_path(self) -> list[str]:
-        """The fewest moves (doors opened as needed) from the start to taking the coin, by breadth-first search.
+        """The fewest actions (moves, doors opened as needed) from the start to taking the coin, by breadth-first search.
 
         A state is what ``look around`` shows (the room and its doors), expanded by ``move``/``open door`` actions in
         sorted order, so ties break the same way everywhere. Starts with ``look around``, as the simulator's gold does.
