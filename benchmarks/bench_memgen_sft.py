@@ -48,7 +48,7 @@ from harness.training import lora_config, pad_right, tokenize_prompt_target, tra
 from tasks.registry import get_task  # noqa: E402
 
 
-def token_floor(rows: list[dict], is_delim: torch.Tensor, opts: MemGenOptions, batch: int,
+def token_ratio(rows: list[dict], is_delim: torch.Tensor, opts: MemGenOptions, batch: int,
                 share_head: bool) -> float:
     """Token positions of the weaver SFT steps over ``rows`` / those of LoRA SFT steps (see the module docstring).
     ``share_head``: each batch's common prompt head is fed once by the reasoner and read once by the weaver."""
@@ -182,8 +182,8 @@ def main() -> None:
           f"(prompts fed whole: {statistics.median(t_whole) / statistics.median(t_sft):.2f}; "
           f"shared head / whole = {statistics.median(t_mem) / statistics.median(t_whole):.2f})")
     timed_rows = [r for b in batches[1:] for r in b]
-    print(f"token positions memgen/sft = {token_floor(timed_rows, is_delim, opts, args.batch, True):.2f} "
-          f"(prompts fed whole: {token_floor(timed_rows, is_delim, opts, args.batch, False):.2f}): the work ratio")
+    print(f"token positions memgen/sft = {token_ratio(timed_rows, is_delim, opts, args.batch, True):.2f} "
+          f"(prompts fed whole: {token_ratio(timed_rows, is_delim, opts, args.batch, False):.2f}): the work ratio")
     if args.breakdown:
         n = len(t_mem)
         total = sum(statistics.median(v[-n:]) for v in phases.values())

@@ -127,8 +127,8 @@ class RunConfig:
     """fp32, bf16, fp16 or auto (the checkpoint's dtype on GPU; on CPU bf16 only for a bf16 checkpoint on a CPU
     with native bf16, else fp32); auto is resolved before the run starts and recorded as the dtype it chose.
     The default, auto, runs ``smollm2-135m`` (a bf16 checkpoint) in bf16 on a CPU with AMX/AVX512-BF16: the
-    default run (32 steps per task) then takes 10-14 min on 2 cores (README; AMX vs AVX512-BF16). Pin fp32 to compare with fp32
-    results."""
+    default run (32 steps per task) then takes 10-14 min on 2 cores (README; AMX vs AVX512-BF16 alone). Pin fp32
+    to compare with fp32 results."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Extra ``from_pretrained`` arguments, as lm-eval's ``--model_args``: ``revision``, ``trust_remote_code``
     (also given to the tokenizer), ``attn_implementation``, ``device_map``, ... (``--model-args k=v,k=v``)."""

@@ -43,13 +43,12 @@ def test_coin_expert_is_the_same_shortest_path_on_every_reset():
     from tasks.envs.textworld_express import TextWorldExpressEnvironment
 
     params = "numLocations=3,numDistractorItems=0,includeDoors=0"
-    golds = [TextWorldExpressEnvironment("coin", params, "test", 20000).expert_actions() for _ in range(4)]
+    golds = [TextWorldExpressEnvironment("coin", params, "test", 20000).expert_episode()[1] for _ in range(4)]
     assert all(g == golds[0] for g in golds)
     assert golds[0][0] == "look around" and golds[0][-1] == "take coin"
     assert len(golds[0]) <= 2 + 2  # 3 rooms: the coin is at most two moves away
     env = TextWorldExpressEnvironment("coin", "numLocations=6,numDistractorItems=0,includeDoors=1", "train", 1)
-    gold = env.expert_actions()
-    env.reset()
+    _, gold = env.expert_episode()
     assert [env.step(a)[3]["success"] for a in gold][-1] is True and any(a.startswith("open door") for a in gold)
     env.close()
 

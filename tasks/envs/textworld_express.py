@@ -66,29 +66,32 @@ class TextWorldExpressEnvironment:
         self._env: Any = None
         self.task_description = ""
 
-    def reset(self) -> str:
+    def _sim_reset(self, gold: bool = False) -> tuple[str, dict[str, Any]]:
+        """A fresh start of the seeded game (with the simulator's gold path when ``gold``): (observation, info)."""
         if self._env is None:
             self._env = _acquire(self.step_limit)
-        obs, info = self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params)
+        return self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params,
+                               generateGoldPath=gold)
+
+    def _first_observation(self, obs: str, info: dict[str, Any]) -> str:
         self.task_description = info["taskDescription"]
         return f"{self.task_description}\n\n{format_observation(obs, info.get('validActions'), self.max_valid)}"
 
-    def expert_actions(self) -> list[str]:
-        """The expert's actions for this episode (the search for ``SEARCHED_GOLD`` games, else the simulator's gold).
-        Call ``reset`` before stepping the episode."""
-        if self._env is None:
-            self._env = _acquire(self.step_limit)
+    def reset(self) -> str:
+        return self._first_observation(*self._sim_reset())
+
+    def expert_episode(self) -> tuple[str, list[str]]:
+        """The episode's first observation (as ``reset`` returns it, the episode reset) and the expert's actions:
+        the search for ``SEARCHED_GOLD`` games, else the simulator's gold path, from the same reset."""
         if self.game in SEARCHED_GOLD:
             gold = self.shortest_coin_path()
-        else:
-            self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params,
-                            generateGoldPath=True)
-            gold = list(self._env.getGoldActionSequence())
-        return gold
+            return self.reset(), gold
+        first = self._first_observation(*self._sim_reset(gold=True))
+        return first, list(self._env.getGoldActionSequence())
 
     def _replay(self, actions: list[str]) -> dict[str, Any]:
         """The simulator's info after a fresh reset and ``actions``."""
-        _, info = self._env.reset(seed=self.seed, gameFold=self.fold, gameName=self.game, gameParams=self.params)
+        _, info = self._sim_reset()
         for a in actions:
             _, _, _, info = self._env.step(a)
         return info
@@ -190,8 +193,7 @@ class TextWorldExpressTask(EnvTask):
             return ep
         env = self._env_for(ep.meta)
         try:
-            gold = env.expert_actions()
-            first = env.reset()
+            first, gold = env.expert_episode()
         finally:
             env.close()
         return Example(id=ep.id, question=first, answer=ep.answer,
