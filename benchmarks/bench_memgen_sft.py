@@ -18,9 +18,10 @@ point; LoRA SFT: prompt and target): the work each step is defined to do. Where 
 on this CPU, the time ratio follows it (not exactly: per-token costs differ, e.g. the head runs on target positions
 only); with short targets the latents and queries add as much as the weaver's copy of the prompt does.
 
-``--breakdown`` times the phases of each MemGen step: the reasoner's chunk forwards (``WovenState.feed``), the
-weaver's forwards (``WovenState.weave``), the rest of the forward (embedding, lm_head, cross-entropy), the backward
-and the optimizer step, as medians over the timed steps and shares of the step.
+``--breakdown`` times the phases of each MemGen step: the reasoner's chunk forwards (``WovenState.feed`` /
+``feed_rows``), the weaver's forwards (``WovenState.weave`` / ``weave_rows``), the rest of the forward
+(embedding, lm_head, cross-entropy), the backward and the optimizer step, as medians over the timed steps and
+shares of the step.
 """
 
 from __future__ import annotations
@@ -96,13 +97,20 @@ def main() -> None:
 
     phases: dict[str, list[float]] = {}
     clock: dict[str, float] = {}
-    if args.breakdown:  # wrap the two chunk forwards of the woven replay with timers (benchmark only)
-        for name in ("feed", "weave"):
+    if args.breakdown:  # wrap the chunk forwards of the woven replay with timers (benchmark only)
+        inside: set[str] = set()  # a row-restricted call may fall back to the whole-batch one: time it once
+        for name, kind in (("feed", "feed"), ("feed_rows", "feed"), ("weave", "weave"), ("weave_rows", "weave")):
             original = getattr(WovenState, name)
 
-            def timed_call(self, *a, _f=original, _n=name, **kw):
+            def timed_call(self, *a, _f=original, _n=kind, **kw):
+                if _n in inside:
+                    return _f(self, *a, **kw)
+                inside.add(_n)
                 t0 = time.perf_counter()
-                out = _f(self, *a, **kw)
+                try:
+                    out = _f(self, *a, **kw)
+                finally:
+                    inside.discard(_n)
                 clock[_n] = clock.get(_n, 0.0) + time.perf_counter() - t0
                 return out
 

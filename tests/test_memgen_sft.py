@@ -78,6 +78,42 @@ def test_replay_reproduces_generation_logits(tiny):
     assert torch.equal(logits.argmax(-1), y)
 
 
+def test_batched_replay_equals_each_row_alone_values_and_gradients(tiny):
+    """``woven_forward`` runs inner rounds on the rows that weave again and every row's tail in one last chunk:
+    rows with one round (the prompt block only) up to four, K_prompt != K_infer. Each row's states, and the weaver's
+    gradients of a loss over all rows, equal those of replaying every row alone (up to float summation order)."""
+    lm = tiny()
+    tok = lm.tokenizer
+    mm = MemGenModel(lm, MemGenOptions(k_prompt=3, k_infer=2))
+    randomise_lora(mm)
+    prompts = [tok(q, add_special_tokens=False).input_ids for q in QUESTIONS] + [[5, 6, 7, 8]]
+    comps = [[11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42, 43, 44, 45]]
+    points = [[0], [0, 1, 2], [0, 2, 3, 5], [0, 4]]  # 1, 3, 4 and 2 rounds; row 0's tail is its whole completion
+    weight = torch.randn(mm.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def run(rows):
+        batch = build_woven_batch([prompts[b] for b in rows], [comps[b] for b in rows], [points[b] for b in rows],
+                                  3, 2, tok.pad_token_id)
+        h, y = woven_forward(mm, batch)
+        return h, y, batch
+
+    params = mm.weaver_parameters()
+    mm.zero_grad(set_to_none=True)
+    h, y, batch = run(range(4))
+    (h.float() @ weight).sum().backward()
+    grads = [p.grad.clone() for p in params]
+    order = [(r, b) for r, rnd in enumerate(batch.rounds) for b in range(4) for _ in range(int(rnd.mask[b].sum()))]
+    mm.zero_grad(set_to_none=True)
+    for b in range(4):
+        hb, yb, _ = run([b])
+        (hb.float() @ weight).sum().backward()
+        mine = torch.tensor([row == b for _, row in order])  # round-row-position order: row b's tokens in order
+        assert torch.equal(y[mine], yb)
+        torch.testing.assert_close(h[mine], hb, atol=1e-5, rtol=1e-4)
+    for p, g in zip(params, grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5 * float(g.abs().max()) + 1e-6, rtol=1e-4)  # fp32 sums
+
+
 @pytest.mark.parametrize("weaver_input", ["hidden", "embeddings"])
 def test_only_weaver_gets_gradients_and_reasoner_is_unchanged(tiny, weaver_input):
     lm = tiny()

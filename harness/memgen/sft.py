@@ -3,8 +3,9 @@
 ``woven_forward`` replays a batch of prompt + completion pairs with latent blocks at given insertion points
 (the points ``memgen_generate`` returns, or delimiter positions of gold targets) and returns, for every
 completion token, the reasoner state that predicts it. It runs the same cached chunk machinery as generation,
-one chunk per insertion round for the whole batch: round r feeds every row's latent block r-1 followed by its
-r-th completion segment (right-padded, masked), then the weaver produces block r from what it has not read yet.
+one chunk per insertion round: round r feeds latent block r-1 followed by the r-th completion segment
+(right-padded, masked) of the rows that weave again after it, on caches restricted to them, then the weaver
+produces their block r from what it has not read yet; every row's last segment goes into one final chunk.
 The state predicting the first token after a latent block is the block's last latent; logits whose next slot is
 a latent are never computed. Greedy generation and this replay give the same logits (tested), which is what
 weaver RL needs to recompute log-probs.
@@ -126,26 +127,63 @@ def prefix_batch(rows: Sequence[Sequence[int]] | None, pad_id: int,
 
 
 def woven_forward(mm: MemGenModel, batch: WovenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicting states (N, d_r) and their target ids (N,) for every completion token of the batch."""
+    """Predicting states (N, d_r) and their target ids (N,) for every completion token of the batch, in the order
+    round, then row, then position (the order of ``batch.rounds``' masks).
+
+    Only the work a row needs is done. Round r's segment of row b is *inner* when b weaves again after it (it
+    has a round r + 1) and the row's *tail* otherwise. Inner round r runs the reasoner and then the weaver on the
+    rows with an inner segment there, on caches restricted to them (``WovenState.feed_rows`` / ``weave_rows``);
+    every row's tail (after its last latent block, never read by the weaver) goes into one final chunk of the
+    whole batch. Feeding every round to every row instead computed 2.2x the live reasoner slots and 2.1x the live
+    weaver slots on ``arith`` GRPO rollouts (rows insert 1 to 6 times; the rows that inserted once carried their
+    whole completion as round 0's width)."""
     state = WovenState(mm, w_prefix=batch.weaver_prefix)
-    preds, labels = [], []
+    n_rounds = torch.stack([rnd.slot_mask[:, 0] for rnd in batch.rounds], 1).sum(1).tolist()  # (B,) rounds per row
+    B, R = len(n_rounds), len(batch.rounds)
+    preds, labels, keys = [], [], []  # pieces in the order computed; keys put them back in round-row-position order
+    width = max(rnd.ids.shape[1] for rnd in batch.rounds)
+
+    def keep(h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, rounds: torch.Tensor, rows: torch.Tensor):
+        live = mask.bool()  # (n, S)
+        preds.append(h[live])
+        labels.append(ids[live])
+        col = torch.arange(ids.shape[1], device=ids.device)[None, :].expand_as(ids)
+        keys.append(((rounds[:, None] * B + rows[:, None]) * width + col)[live])
+
     with mm.reasoner_mode():
         if batch.turns is not None:
             prefill(state, batch.turns)
             lat = state.weave("prompt")  # (B, K_p, d_r)
         else:  # rows with the same prompt (a GRPO group) share its prefill and prompt latents
             _, lat = state.feed_prompt(batch.prompt_ids, batch.prompt_mask, weave=True)  # lat: (B, K_p, d_r)
-        for r, rnd in enumerate(batch.rounds):
-            K = lat.shape[1]
-            h = state.feed(torch.cat([lat, mm.embed(rnd.ids)], dim=1), torch.cat([rnd.slot_mask, rnd.mask], dim=1))
-            S = rnd.ids.shape[1]
-            pred = h[:, K - 1 : K - 1 + S]  # (B, S, d_r): state before each segment token
-            keep = rnd.mask.bool()
-            preds.append(pred[keep])
-            labels.append(rnd.ids[keep])
-            if r + 1 < len(batch.rounds):
-                lat = state.weave("infer")  # (B, K_i, d_r); rows without a next round get masked slots
-    return torch.cat(preds), torch.cat(labels)
+        last = list(lat.unbind(0))  # per row, its latest latent block (K, d_r)
+        device = lat.device
+        for r in range(R - 1):
+            rows = torch.tensor([b for b in range(B) if n_rounds[b] > r + 1], dtype=torch.long, device=device)
+            rnd = batch.rounds[r]
+            seg_mask = rnd.mask[rows]  # (n, S) trimmed to these rows' longest inner segment
+            S = int(seg_mask.sum(1).max())
+            seg_ids, seg_mask = rnd.ids[rows, :S], seg_mask[:, :S]
+            lat_r = torch.stack([last[b] for b in rows.tolist()])  # (n, K, d_r)
+            K = lat_r.shape[1]
+            h = state.feed_rows(torch.cat([lat_r, mm.embed(seg_ids)], dim=1), rows,
+                                torch.cat([seg_mask.new_ones((len(rows), K)), seg_mask], dim=1))  # (n, K + S, d_r)
+            keep(h[:, K - 1 : K - 1 + S], seg_ids, seg_mask, torch.full_like(rows, r), rows)
+            for b, block in zip(rows.tolist(), state.weave_rows("infer", rows).unbind(0), strict=True):
+                last[b] = block  # (K_i, d_r)
+        # Every row's tail: its last latent block (left-padded to the widest block, masked) and its last segment.
+        tail = [batch.rounds[n - 1] for n in n_rounds]
+        S = max(int(t.mask[b].sum()) for b, t in enumerate(tail))
+        ids = torch.stack([F.pad(t.ids[b, :S], (0, S - min(S, t.ids.shape[1]))) for b, t in enumerate(tail)])  # (B, S)
+        mask = torch.stack([F.pad(t.mask[b, :S], (0, S - min(S, t.mask.shape[1]))) for b, t in enumerate(tail)])
+        K = max(x.shape[0] for x in last)
+        blocks = torch.stack([torch.cat([x.new_zeros((K - len(x), x.shape[1])), x]) for x in last])  # (B, K, d_r)
+        slots = torch.stack([torch.arange(K, device=device) >= K - len(x) for x in last]).to(mask.dtype)  # (B, K)
+        h = state.feed(torch.cat([blocks, mm.embed(ids)], dim=1), torch.cat([slots, mask], dim=1))
+        all_rows = torch.arange(B, device=device)
+        keep(h[:, K - 1 : K - 1 + S], ids, mask, torch.tensor(n_rounds, device=device) - 1, all_rows)
+    order = torch.cat(keys).argsort()
+    return torch.cat(preds)[order], torch.cat(labels)[order]
 
 
 def woven_logprobs(mm: MemGenModel, batch: WovenBatch, temperature: float = 1.0) -> torch.Tensor:

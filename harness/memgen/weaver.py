@@ -474,26 +474,25 @@ class WovenState:
             self._set_unread(all_states, read)
         return mm.heads.proj_out(out[:, -K:].float()).to(mm.embed.weight.dtype)  # (n, K, d_r)
 
-    def feed_rows(self, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def feed_rows(self, embeds: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the reasoner on a chunk (n, T, d_r) for ``rows`` (n,) only (inside ``mm.reasoner_mode()``); the other
-        rows get masked slots without any compute. Returns the rows' states (n, T, d_r)."""
+        rows get masked slots without any compute. ``mask`` (n, T): 1 where a row really has the slot (default:
+        all). Returns the rows' states (n, T, d_r)."""
         B, (n, T) = self.mask.shape[0], embeds.shape[:2]
+        part = self.mask.new_ones((n, T)) if mask is None else mask.to(self.mask.dtype)  # (n, T)
+        chunk = self.mask.new_zeros((B, T))
+        chunk[rows] = part
         if not kv.supports(self.cache):  # e.g. sliding-window layers: every row gets the chunk, masked where absent
             full_embeds = embeds.new_zeros((B, T, embeds.shape[2]))
             full_embeds[rows] = embeds
-            chunk = self.mask.new_zeros((B, T))
-            chunk[rows] = 1
             return self.feed(full_embeds, chunk)[rows]
-        mask = torch.cat([self.mask[rows], self.mask.new_ones((n, T))], dim=1)  # (n, L + T)
-        pos = self.next_pos[rows][:, None] + torch.arange(T, device=embeds.device)[None, :]  # (n, T)
         sub = kv.select_rows(self.cache, rows)
-        hidden = self.mm.reasoner(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=sub,
+        hidden = self.mm.reasoner(inputs_embeds=embeds, attention_mask=torch.cat([self.mask[rows], part], dim=1),
+                                  position_ids=positions(self.next_pos[rows], part), cache=sub,
                                   use_cache=True).last_hidden_state  # (n, T, d_r)
         kv.append_rows(self.cache, sub, rows, T)
-        chunk = self.mask.new_zeros((B, T))
-        chunk[rows] = 1
         self.mask = torch.cat([self.mask, chunk], dim=1)
-        self.next_pos = self.next_pos.index_add(0, rows, chunk.new_full((n,), T))
+        self.next_pos = self.next_pos.index_add(0, rows, part.sum(1))
         full = hidden.new_zeros((B, T, hidden.shape[2]))
         full[rows] = hidden
         if self.mm.opts.weaver_input == "hidden":
