@@ -15,9 +15,10 @@ delimiters (at batch 32 nearly every step then has some row inserting). It print
 MemGen with insertion / the same loop with insertion off (and that loop / ``model.generate``), and beside it the
 ratio of token positions the forwards process with and without insertion (the weaver reads every state up to a
 row's last insertion, plus K queries, and the reasoner K latents per insertion): the work insertion adds by
-definition. Where forwards are compute-bound (this CPU at batch >= 8: a batch-32 decoding step costs about what a
-32-token chunk does) the time ratio cannot go far below it; where they are weight-read-bound (batch 1) the weaver's
-chunked reading is cheap:
+definition, and the ratio of forward calls (an insertion event is two more: the weaver's, then the reasoner's over
+the K latent slots). Where forwards are compute-bound (this CPU at batch >= 8: a batch-32 decoding step costs about
+what a 32-token chunk does) the time ratio cannot go far below the token ratio; where a forward costs mostly per
+call (batch 1; in bf16 on the AMX machine one token 35 ms, 8 rows x 8 tokens 66 ms) it follows the call ratio:
 
     python benchmarks/bench_memgen_generation.py --staggered --tokens 128 --batches 1,8,32 --dtypes fp32,bf16
 """
@@ -148,7 +149,17 @@ def _staggered_times(lm, mm: MemGenModel, enc, offset: torch.Tensor, args: argpa
             lm.model.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                               pad_token_id=lm.tokenizer.pad_token_id)
 
-    points = run(True).insertions  # warm-up; per row the steps it inserted at (0 = after the prompt)
+    # warm-up runs, counting the forward calls of the transformer stacks (the reasoner and the weaver: one stack
+    # when they share the base); per row the steps it inserted at (0 = after the prompt)
+    calls = [0]
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for m in {id(mm.reasoner): mm.reasoner, id(mm.weaver): mm.weaver}.values()]
+    points = run(True).insertions
+    on_calls, calls[0] = calls[0], 0
+    run(False)
+    off_calls = calls[0]
+    for h in hooks:
+        h.remove()
     times: dict[str, list[float]] = {"on": [], "off": [], "generate": []}
     for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
         times["on"].append(timed(lambda: run(True)))
@@ -156,6 +167,7 @@ def _staggered_times(lm, mm: MemGenModel, enc, offset: torch.Tensor, args: argpa
         times["generate"].append(timed(plain))
     med = {k: statistics.median(v) for k, v in times.items()}
     med["token_ratio"] = token_ratio(enc.attention_mask, points, args.tokens, args.k)
+    med["call_ratio"] = on_calls / off_calls
     return med
 
 
@@ -191,7 +203,7 @@ def staggered(args: argparse.Namespace) -> None:
             offset = torch.tensor([b * args.every // bs for b in range(bs)])  # (B,) spread over the period
             med = _staggered_times(lm, mm, enc, offset, args)
             print(f"{dtype} batch {bs}: insert-on / insert-off = {med['on'] / med['off']:.3f} "
-                  f"(token ratio {med['token_ratio']:.2f}), "
+                  f"(token ratio {med['token_ratio']:.2f}, forward-call ratio {med['call_ratio']:.2f}), "
                   f"insert-off / generate = {med['off'] / med['generate']:.3f}  "
                   f"(medians on {med['on']:.2f}s off {med['off']:.2f}s generate {med['generate']:.2f}s)", flush=True)
 

@@ -34,11 +34,32 @@ from harness.seeding import derive_seed
 from tasks.registry import get_task
 
 
+def call_counter(*models) -> list[int]:
+    """A one-element counter of the forward calls of the models' transformer stacks (hooks; benchmark only). On this
+    CPU a small forward costs mostly per call (bf16: 35 ms for one token, 66 ms for 8 rows x 8 tokens), so calls
+    per step are the work measure that decoding and the woven replay follow."""
+    n = [0]
+    seen: set[int] = set()
+    for model in models:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        dec = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        if id(dec) not in seen:  # MemGen's shared base: the reasoner and the weaver are one stack
+            seen.add(id(dec))
+            dec.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+    return n
+
+
 class Interleave(TrainerCallback):
     """Times each TRL step, then runs and times one REINFORCE++ step before TRL's next one."""
 
-    def __init__(self, rpp: ReinforcePP, task, examples, steps: int, budget: int, seed: int, memgen=None):
+    def __init__(self, rpp: ReinforcePP, task, examples, steps: int, budget: int, seed: int, memgen=None,
+                 grpo_model=None):
         self.rpp, self.task, self.examples, self.budget = rpp, task, examples, budget
+        # forward calls of each method's transformer stack(s) per step (see call_counter)
+        self.counters = {"grpo": call_counter(grpo_model) if grpo_model is not None else [0],
+                         "rpp": call_counter(rpp.model),
+                         "memgen": call_counter(memgen[0].reasoner, memgen[0].weaver) if memgen else [0]}
+        self.calls: dict[str, list[int]] = {k: [] for k in self.counters}
         self.optimizer, self.scheduler = rpp.optimizer(steps)
         import random
 
@@ -52,15 +73,23 @@ class Interleave(TrainerCallback):
         self.rpp_stats: list[dict] = []
         self._t0 = 0.0
 
+    def _count(self, name: str) -> None:
+        self.calls[name].append(self.counters[name][0])
+        self.counters[name][0] = 0
+
     def on_step_begin(self, args, state, control, **kwargs):
+        self.counters["grpo"][0] = 0
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.grpo_seconds.append(time.perf_counter() - self._t0)
+        self._count("grpo")
+        self.counters["rpp"][0] = 0
         batch = [self.examples[i] for i in next(self.batches)]
         t0 = time.perf_counter()
         stats = self.rpp.train_step(self.task, batch, self.optimizer, self.scheduler, self.budget)
         self.rpp_seconds.append(time.perf_counter() - t0)
+        self._count("rpp")
         self.rpp_stats.append(stats)
         print(f"step {len(self.rpp_seconds):3d}  reinforce++ {self.rpp_seconds[-1]:6.2f}s reward {stats['reward']:.3f} "
               f"len {stats['length']:.1f}", flush=True)
@@ -73,9 +102,11 @@ class Interleave(TrainerCallback):
             # prompts; handing it all over made the weaver decode 8x the others' rollouts)
             mg_batch = batch[: sch.prompts_per_step]
             ids = [tok(self.task.prompt(e, tok), add_special_tokens=False).input_ids for e in mg_batch]
+            self.counters["memgen"][0] = 0
             t0 = time.perf_counter()
             st = weaver_grpo_step(mm, self.task, mg_batch, ids, is_delim, sch, opt, sched, gen)
             self.mg_seconds.append(time.perf_counter() - t0)
+            self._count("memgen")
             self.mg_stats.append(st)
             print(f"step {len(self.mg_seconds):3d}  memgen grpo {self.mg_seconds[-1]:6.2f}s reward {st['reward']:.3f} "
                   f"len {st['length']:.1f} insertions {st['insertions']:.1f}", flush=True)
@@ -165,7 +196,7 @@ def main() -> None:
         opt, sched = weaver_optimizer(mm, sch)
         is_delim = delimiter_mask(mm.tokenizer, mm.opts.delimiters, mm.lm_head.weight.shape[0])
         memgen = (mm, is_delim, sch, opt, sched, torch.Generator().manual_seed(a.seed))
-    hook = Interleave(rpp, task, examples, a.steps, budget, derive_seed(a.seed, "bench-rpp"), memgen)
+    hook = Interleave(rpp, task, examples, a.steps, budget, derive_seed(a.seed, "bench-rpp"), memgen, grpo.model)
     grpo.callbacks.append(hook)
     grpo.train_on_task(task, examples, stage=1)
 
@@ -196,6 +227,10 @@ def main() -> None:
         print(f"(TRL's own step_time log, steps 2..: {statistics.fmean(trl_own[1:] or trl_own):.2f} s/step)")
     print(f"ratio REINFORCE++ / TRL GRPO: {r_mean / g_mean:.2f} per step, "
           f"{(r_mean / r_len) / (g_mean / g_len):.2f} per generated token")
+    calls = {k: statistics.fmean(v) for k, v in hook.calls.items() if v}
+    print("transformer forward calls per step (generation + loss; backward not counted): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in calls.items())
+          + (f"; ratio MemGen / TRL GRPO {calls['memgen'] / calls['grpo']:.2f}" if "memgen" in calls else ""))
     gh, rh = halves(g_rew), halves(r_rew)
     print(f"mean reward, first half -> second half: GRPO {gh[0]:.3f} -> {gh[1]:.3f}; "
           f"REINFORCE++ {rh[0]:.3f} -> {rh[1]:.3f}")
@@ -212,7 +247,8 @@ def main() -> None:
         a.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "grpo_seconds": g_sec,
                                      "rpp_seconds": r_sec, "grpo_rewards": g_rew, "rpp_rewards": r_rew,
                                      "grpo_logs": hook.grpo_logs, "rpp_stats": hook.rpp_stats,
-                                     "memgen_seconds": hook.mg_seconds, "memgen_stats": hook.mg_stats}, indent=1))
+                                     "memgen_seconds": hook.mg_seconds, "memgen_stats": hook.mg_stats,
+                                     "forward_calls": hook.calls}, indent=1))
         plot_rewards({"TRL GRPO": g_rew, "REINFORCE++": r_rew, "MemGen weaver GRPO": [s["reward"] for s in
                                                                                      hook.mg_stats]},
                      a.out.with_suffix(".png"), f"{a.model} on {a.task}: {n_gen} generations per step (GRPO "
