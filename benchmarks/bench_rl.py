@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from baselines.grpo import GRPO
 from baselines.reinforce_pp import ReinforcePP, prompt_batches
 from harness.config import RLConfig, RunConfig, TrainConfig
+from harness.memgen.weaver import _decoder
 from harness.models import load_model
 from harness.seeding import derive_seed
 from tasks.registry import get_task
@@ -41,8 +42,7 @@ def call_counter(*models) -> list[int]:
     n = [0]
     seen: set[int] = set()
     for model in models:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        dec = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        dec = _decoder(model)
         if id(dec) not in seen:  # MemGen's shared base: the reasoner and the weaver are one stack
             seen.add(id(dec))
             dec.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
